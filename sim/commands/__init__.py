@@ -1,0 +1,1 @@
+"""One module per ``vballoon`` subcommand: ``add_arguments(parser)`` and ``main(args)``."""
