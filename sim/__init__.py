@@ -1,0 +1,1 @@
+"""Composition root: wires memory, guest, device and transport; scenarios; peers; CLI."""
