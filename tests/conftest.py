@@ -1,13 +1,26 @@
-"""Shared fixtures: real-peer gating (see tests/peers.py)."""
+"""Shared test configuration: hypothesis profiles and real-peer fixtures (see tests/peers.py).
+
+Real-peer tests skip with a clear reason when the peer is missing; with
+``VBALLOON_REQUIRE_PEERS=1`` (set by ``.ci/run``) a missing peer fails them instead.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
 
 try:  # tests/ as a plain directory (pytest puts it on sys.path) or as a package
     from peers import require_peer
 except ModuleNotFoundError:  # pragma: no cover - depends on the layout
     from tests.peers import require_peer
+
+settings.register_profile("default", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("VBALLOON_HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
