@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import IntFlag
 
-from construct import FlagsEnum, Int8ul
+from construct import ExprAdapter, Int8ul
 
 __all__ = ["DeviceStatus", "StatusByte"]
 
@@ -21,5 +21,10 @@ class DeviceStatus(IntFlag):
     FAILED = 0x80
 
 
-StatusByte = FlagsEnum(Int8ul, DeviceStatus)
-"""The status byte as a construct layout (parses to named flags)."""
+StatusByte = ExprAdapter(
+    Int8ul,
+    decoder=lambda obj, ctx: DeviceStatus(obj),
+    encoder=lambda obj, ctx: int(obj),
+)
+"""The status byte as a construct layout: parses to a :class:`DeviceStatus`, keeping undefined
+bits (e.g. 0x20) so a checker can see and report them."""

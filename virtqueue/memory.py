@@ -1,8 +1,10 @@
 """Guest-physical memory: bounds-checked access to RAM regions backed by real memfds.
 
 Simulated RAM is one sparse memfd (``memfd_create`` + ``ftruncate`` + ``mmap``): a 1 TiB guest
-costs nothing until written, and :meth:`GuestMemory.discard` punches a real hole, so "memory
-returned to the host" is measured from the file's allocated blocks, not counted. The vhost-user
+costs nothing until touched, and :meth:`GuestMemory.discard` punches a real hole, so "memory
+returned to the host" is measured from the file's allocated blocks, not counted. shmem has no
+shared zero page: *reading* a hole through the mapping allocates a zeroed page, as it does in a
+real shmem-backed VM, so a read of a discarded page brings it back. The vhost-user
 path maps the fds a real front-end sends (:meth:`GuestMemory.from_fds`). Every access outside
 the regions raises :class:`~protocol.errors.GuestMemoryError` and touches nothing.
 """
@@ -127,12 +129,14 @@ class GuestMemory:
 
     @classmethod
     def from_fds(cls, regions: Sequence[tuple[int, MemoryRegion]]) -> GuestMemory:
-        """Map regions received from elsewhere (vhost-user SET_MEM_TABLE); takes the fds."""
+        """Map regions received from elsewhere (vhost-user SET_MEM_TABLE); takes the fds.
+
+        The fds are owned from the call on: if any region is invalid, all of them are closed.
+        """
         mapped = []
-        fds = []
+        fds = [fd for fd, _ in regions]
         try:
             for fd, region in regions:
-                fds.append(fd)
                 if region.size <= 0 or region.gpa + region.size > _U64_END:
                     raise GuestMemoryError(region.gpa, region.size, "is not a valid region")
                 start = region.fd_offset - region.fd_offset % mmap.ALLOCATIONGRANULARITY
@@ -140,11 +144,16 @@ class GuestMemory:
                 m = mmap.mmap(fd, region.size + lead, mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
                 mapped.append(_Mapped(region, fd, m, memoryview(m)[lead:lead + region.size]))
-        except (OSError, ValueError) as exc:
-            for fd in fds:
-                os.close(fd)
+            return cls(mapped, fds)
+        except (OSError, ValueError, UsageError, GuestMemoryError) as exc:
+            # UsageError here is overlapping regions: the peer's error, not ours.
+            for m in mapped:
+                m.view.release()
+                m.map.close()
+            _close_fds(fds)
+            if isinstance(exc, GuestMemoryError):
+                raise
             raise GuestMemoryError(0, 0, f"cannot be mapped: {exc}") from None
-        return cls(mapped, fds)
 
     # ---- geometry -----------------------------------------------------------------------
     @property
@@ -176,16 +185,18 @@ class GuestMemory:
         if gpa + length > _U64_END:
             raise GuestMemoryError(gpa, length, "overflows 64 bits")
         out = []
+        pos, left = gpa, length
         while True:
-            m = self._find(gpa)
-            if m is None:
-                raise GuestMemoryError(gpa, length, "is outside guest RAM")
-            off = gpa - m.region.gpa
-            n = min(length, m.region.size - off)
+            m = self._find(pos)
+            if m is None:  # name the whole access; say where it leaves RAM if not at its start
+                where = "" if pos == gpa else f" from {pos:#x}"
+                raise GuestMemoryError(gpa, length, f"is outside guest RAM{where}")
+            off = pos - m.region.gpa
+            n = min(left, m.region.size - off)
             out.append((m, off, n))
-            length -= n
-            gpa += n
-            if length == 0:
+            left -= n
+            pos += n
+            if left == 0:
                 return out
 
     def contains(self, gpa: int, length: int) -> bool:
@@ -323,6 +334,17 @@ class GuestMemory:
     def remove_write_observer(self, observer: WriteObserver) -> None:
         self._observers.remove(observer)
 
+    @property
+    def write_observers(self) -> Sequence[WriteObserver]:
+        """The live list of observers (read it, don't change it): code that writes through a
+        :meth:`view` tests it and then calls :meth:`mark_written` (the device's used ring)."""
+        return self._observers
+
+    def mark_written(self, gpa: int, length: int) -> None:
+        """Tell the write observers that [gpa, gpa + length) was written through a view."""
+        if self._observers:
+            self._notify(gpa, length)
+
     def _notify(self, gpa: int, length: int) -> None:
         for cb in self._observers:
             cb(gpa, length)
@@ -341,14 +363,19 @@ class GuestMemory:
                 mp.close()
             except BufferError:
                 pass  # a caller still holds a view; the mapping goes when it does
-        for fd in self._owned_fds:
-            os.close(fd)
+        _close_fds(self._owned_fds)
 
     def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_fds(fds: Sequence[int]) -> None:
+    """Close each distinct fd once (one fd may back several regions)."""
+    for fd in dict.fromkeys(fds):
+        os.close(fd)
 
 
 def _subtract(lo: int, hi: int, holes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
