@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from protocol.errors import ConfigError, VballoonError
+from sim.logs import LEVELS
+from sim.logs import configure as configure_logs
 
 __all__ = ["main"]
 
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "testing, fuzzing and teaching virtio.",
     )
     parser.add_argument("--version", action="version", version=f"vballoon {VERSION}")
+    parser.add_argument("--log-level", choices=LEVELS, default="warning",
+                        help="show structlog events at this level and above (default warning)")
+    parser.add_argument("--log-json", action="store_true", help="events as JSON lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in SUBCOMMANDS.items():
         try:
@@ -70,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    configure_logs(args.log_level, json=args.log_json)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

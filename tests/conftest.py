@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 try:  # tests/ as a plain directory (pytest puts it on sys.path) or as a package
@@ -21,6 +22,15 @@ settings.register_profile("default", deadline=None,
 settings.register_profile("ci", deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("VBALLOON_HYPOTHESIS_PROFILE", "default"))
+
+
+def _drop(logger: object, name: str, event: dict) -> dict:
+    raise structlog.DropEvent
+
+
+# Library events are dropped unless a test captures them (structlog.testing.capture_logs
+# swaps the processors), so the suite does not pay for rendering thousands of trace lines.
+structlog.configure(processors=[_drop], cache_logger_on_first_use=False)
 
 
 @pytest.fixture(scope="session")

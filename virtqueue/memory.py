@@ -36,6 +36,8 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+PROBE_PIECE = 64 * PAGE_SIZE
+"""Largest piece :meth:`GuestMemory.data_ranges_bounded` yields at once."""
 
 WriteObserver = Callable[[int, int], None]
 
@@ -345,12 +347,13 @@ class GuestMemory:
                 pos = h
 
     def data_ranges_bounded(self, gpa: int, length: int) -> Iterator[tuple[int, int]]:
-        """Like :meth:`data_ranges` over [gpa, gpa + length), at a cost bounded by the range.
+        """Like :meth:`data_ranges` over [gpa, gpa + length), at a cost bounded by what is read.
 
         On a fully written memfd SEEK_HOLE scans to the end of the file (~27 ms per GiB),
-        whatever range was asked. Here SEEK_DATA skips holes and the end of each data run is
-        found page by page with SEEK_DATA, so n pages cost at most n + 1 lseeks (the migration
-        model classifies each chunk it sends this way).
+        whatever range was asked. Here SEEK_DATA skips holes, and data is probed page by page
+        (SEEK_DATA at the page) and yielded in pieces of at most :data:`PROBE_PIECE` bytes, so
+        a caller that stops early has paid for what it took plus one piece. Adjacent pieces
+        are not merged (the migration model classifies each chunk it sends this way).
         """
         hi = gpa + length
         for m in self._mapped:
@@ -358,13 +361,12 @@ class GuestMemory:
             s, e = max(gpa, r.gpa), min(hi, r.end)
             if s >= e:
                 continue
-            pos = r.fd_offset + (s - r.gpa)
             stop = r.fd_offset + (e - r.gpa)
-            d = _seek_data(m.fd, pos)
+            d = _seek_data(m.fd, r.fd_offset + (s - r.gpa))
             while d is not None and d < stop:
                 h = d - d % PAGE_SIZE + PAGE_SIZE
                 nxt = _seek_data(m.fd, h) if h < stop else None
-                while nxt == h and h < stop:
+                while nxt == h and h - d < PROBE_PIECE:
                     h += PAGE_SIZE
                     nxt = _seek_data(m.fd, h) if h < stop else None
                 yield r.gpa + (d - r.fd_offset), r.gpa + (min(h, stop) - r.fd_offset)
