@@ -71,6 +71,7 @@ from guest.mm import (
 from protocol.errors import UsageError
 
 __all__ = [
+    "EVENTS_ENABLED",
     "PAGE_REPORTING_CAPACITY",
     "PAGE_REPORTING_DELAY",
     "TRANSITIONS",
@@ -82,6 +83,10 @@ __all__ = [
 ]
 
 _log = structlog.get_logger("vballoon.guest")
+
+EVENTS_ENABLED = True
+"""Whether the ``report.batch`` and ``report.pass`` debug events are emitted (a benchmark or a
+1 TiB run turns them off; the check is made before any event dict is built)."""
 
 PAGE_REPORTING_CAPACITY = 32
 """Linux ``PAGE_REPORTING_CAPACITY``: scatterlist entries per report (a power of two)."""
@@ -323,7 +328,8 @@ class PageReporting:
             self._active = False
             if self._apply(_E.WORK_END):
                 self._schedule(None)
-            _log.debug("report.pass", err=err, state=self.state.name, next=self._deadline)
+            if EVENTS_ENABLED:
+                _log.debug("report.pass", err=err, state=self.state.name, next=self._deadline)
         return err
 
     def _process_zone(self, zone: Zone) -> Generator[ReportBatch, int, int]:
@@ -408,15 +414,18 @@ class PageReporting:
         else:
             self._blocks += len(entries)
             self._bytes += sum(PAGE_SIZE << order for _, order in entries)
-        _log.debug("report.batch", zone=zone.name, nents=len(entries), err=err)
+        if EVENTS_ENABLED:
+            _log.debug("report.batch", zone=zone.name, nents=len(entries), err=err)
         return err
 
     def _drain(self, zone: Zone | None, entries: object, *, reported: bool) -> None:
         """``page_reporting_drain``: put back at the tail; Reported only if it did not merge."""
         putback = self.allocator.putback_isolated_block
-        pbmt = zone.get_pageblock_migratetype  # type: ignore[union-attr]
+        flags = zone.pageblock_flags  # type: ignore[union-attr]
+        base = zone.pageblock_base  # type: ignore[union-attr]
         for pfn, order in entries:  # type: ignore[attr-defined]
-            block = putback(zone, pfn, order, pbmt(pfn))
+            # the list is re-derived from the pageblock, which isolation may have changed
+            block = putback(zone, pfn, order, flags[(pfn >> PAGEBLOCK_ORDER) - base])
             if reported and block.order == order:
                 block.reported = True
 

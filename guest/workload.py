@@ -34,9 +34,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from protocol.errors import UsageError
-
 from guest.mm import MAX_ORDER, PAGE_SHIFT, Gfp, MigrateType, PageAllocator
+from protocol.errors import UsageError
 
 __all__ = [
     "STAMP_MAGIC",

@@ -28,9 +28,22 @@ def _drop(logger: object, name: str, event: dict) -> dict:
     raise structlog.DropEvent
 
 
-# Library events are dropped unless a test captures them (structlog.testing.capture_logs
-# swaps the processors), so the suite does not pay for rendering thousands of trace lines.
-structlog.configure(processors=[_drop], cache_logger_on_first_use=False)
+def _quiet_structlog() -> None:
+    """Drop library events unless a test captures them (structlog.testing.capture_logs swaps
+    the processors), so the suite does not pay for rendering thousands of trace lines."""
+    structlog.reset_defaults()
+    structlog.configure(processors=[_drop], cache_logger_on_first_use=False)
+
+
+_quiet_structlog()
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog():
+    """A test that runs the CLI in-process configures structlog for a stream pytest then
+    closes; put the quiet configuration back after every test."""
+    yield
+    _quiet_structlog()
 
 
 @pytest.fixture(scope="session")

@@ -59,8 +59,14 @@ _log = structlog.get_logger("vballoon.guest")
 _MOVABLE = int(MigrateType.MOVABLE)
 _ISOLATE = int(MigrateType.ISOLATE)
 _TOP = MAX_ORDER - 1
-_PUTBACK = Fpi.TO_TAIL | Fpi.SKIP_REPORT_NOTIFY
+_FPI_TO_TAIL = int(Fpi.TO_TAIL)
+_FPI_SKIP_REPORT_NOTIFY = int(Fpi.SKIP_REPORT_NOTIFY)
+_PUTBACK = _FPI_TO_TAIL | _FPI_SKIP_REPORT_NOTIFY
 _MT = tuple(MigrateType)
+_ALLOC_CMA = int(AllocFlags.CMA)
+_ALLOC_HIGH = int(AllocFlags.HIGH)
+_GFP_DMA, _GFP_DMA32, _GFP_HIGH, _GFP_NOWARN = (int(Gfp.DMA), int(Gfp.DMA32), int(Gfp.HIGH),
+                                                int(Gfp.NOWARN))
 
 
 class FreeBlockInfo(NamedTuple):
@@ -110,6 +116,8 @@ class PageAllocator:
             ))
         self.zones: tuple[Zone, ...] = tuple(zones)
         self.on_free: Callable[[int], None] | None = None
+        """Called as ``on_free(order)`` after every free that may notify, with the final merged
+        order (Linux ``page_reporting_notify_free``; page reporting registers itself here)."""
         self.on_alloc: Callable[[int, int], None] | None = None
         """Called as ``on_alloc(pfn, order)`` after every successful allocation (the balloon's
         hint ledger counts hinted pages the guest reuses)."""
@@ -222,17 +230,18 @@ class PageAllocator:
                 " RECLAIMABLE"
             )
         mt = int(migratetype)
-        if gfp & Gfp.DMA:
+        g = int(gfp)
+        if g & _GFP_DMA:
             highest = ZoneType.DMA
-        elif gfp & Gfp.DMA32:
+        elif g & _GFP_DMA32:
             highest = ZoneType.DMA32
         else:
             highest = ZoneType.NORMAL
-        flags = AllocFlags.CMA if mt == _MOVABLE else AllocFlags.NONE
+        flags = _ALLOC_CMA if mt == _MOVABLE else 0
         zonelist = [z for z in reversed(self.zones) if z.idx <= highest]
         for low in (True, False):
-            if not low and gfp & Gfp.HIGH:
-                flags |= AllocFlags.HIGH
+            if not low and g & _GFP_HIGH:
+                flags |= _ALLOC_HIGH
             for zone in zonelist:
                 mark = zone.watermark_low if low else zone.watermark_min
                 if not zone_watermark_ok(zone, order, mark, highest, flags):
@@ -247,7 +256,7 @@ class PageAllocator:
                         self.on_alloc(pfn, order)
                     return pfn
         self.nr_alloc_fail += 1
-        if not gfp & Gfp.NOWARN:
+        if not g & _GFP_NOWARN:
             _log.warning("mm.alloc_fail", order=order, migratetype=_MT[mt].name,
                          free_pages=self.nr_free_pages())
         return None
@@ -277,9 +286,9 @@ class PageAllocator:
         self.nr_allocated_pages -= 1 << order
         self.nr_frees += 1
         zone = self.zone_for_pfn(pfn)
-        self._free_one_page(zone, pfn, order, zone.get_pageblock_migratetype(pfn), Fpi.NONE)
+        self._free_one_page(zone, pfn, order, zone.get_pageblock_migratetype(pfn), 0)
 
-    def _free_one_page(self, zone: Zone, pfn: int, order: int, mt: int, fpi: Fpi) -> FreeBlock:
+    def _free_one_page(self, zone: Zone, pfn: int, order: int, mt: int, fpi: int) -> FreeBlock:
         """Linux ``__free_one_page``: merge with free buddies, place, notify; the final block.
 
         A block larger than a pageblock whose pageblocks can no longer merge (a type changed
@@ -289,13 +298,13 @@ class PageAllocator:
         """
         self.seq += 1
         fb = zone.free_blocks
+        flags = zone.pageblock_flags
+        base = zone.pageblock_base
         if order > PAGEBLOCK_ORDER:
-            pbmt = zone.get_pageblock_migratetype
-            pieces = range(pfn, pfn + (1 << order), PAGEBLOCK_NR_PAGES)
-            if not all(_mergeable(mt, pbmt(p)) for p in pieces):
-                blocks = [self._free_one_page(zone, p, PAGEBLOCK_ORDER, pbmt(p), fpi)
-                          for p in pieces]
-                return next(b for b in blocks if b.next is not None and b.pfn <= pfn)
+            for p in range(pfn, pfn + (1 << order), PAGEBLOCK_NR_PAGES):
+                t = flags[(p >> PAGEBLOCK_ORDER) - base]
+                if t != mt and (t >= MIGRATE_PCPTYPES or mt >= MIGRATE_PCPTYPES):
+                    return self._split_large_buddy(zone, pfn, order, fpi)
         buddy_pfn = pfn ^ (1 << order)
         while order < _TOP:
             buddy_pfn = pfn ^ (1 << order)
@@ -303,13 +312,13 @@ class PageAllocator:
             if buddy is None or buddy.order != order:
                 break
             if order >= PAGEBLOCK_ORDER and not _mergeable(
-                    mt, zone.get_pageblock_migratetype(buddy_pfn)):
+                    mt, flags[(buddy_pfn >> PAGEBLOCK_ORDER) - base]):
                 break
             zone.del_page_from_free_list(buddy)
             pfn &= buddy_pfn
             order += 1
         block = FreeBlock(pfn, order, mt)
-        if fpi & Fpi.TO_TAIL:
+        if fpi & _FPI_TO_TAIL:
             tail = True
         elif self.shuffle and order >= _TOP:
             tail = bool(self._rng.getrandbits(1))  # shuffle_pick_tail()
@@ -321,9 +330,16 @@ class PageAllocator:
             hb = fb.get(higher)
             tail = hb is not None and hb.order == order + 1
         zone.add_to_free_list(block, tail)
-        if not fpi & Fpi.SKIP_REPORT_NOTIFY and self.on_free is not None:
+        if not fpi & _FPI_SKIP_REPORT_NOTIFY and self.on_free is not None:
             self.on_free(order)  # page_reporting_notify_free(order)
         return block
+
+    def _split_large_buddy(self, zone: Zone, pfn: int, order: int, fpi: int) -> FreeBlock:
+        """Free [pfn, pfn + (1 << order)) as pageblocks, each with its own type."""
+        pbmt = zone.get_pageblock_migratetype
+        blocks = [self._free_one_page(zone, p, PAGEBLOCK_ORDER, pbmt(p), fpi)
+                  for p in range(pfn, pfn + (1 << order), PAGEBLOCK_NR_PAGES)]
+        return next(b for b in blocks if b.next is not None and b.pfn <= pfn)
 
     def _bad_free(self, pfn: int, order: int, allocated: int | None) -> UsageError:
         """The most precise reason a free_pages(pfn, order) call is wrong."""
@@ -362,15 +378,18 @@ class PageAllocator:
         """
         order = block.order
         pfn = block.pfn
-        if (zone.get_pageblock_migratetype(pfn) != _ISOLATE
+        flags = zone.pageblock_flags
+        base = zone.pageblock_base
+        if (flags[(pfn >> PAGEBLOCK_ORDER) - base] != _ISOLATE
                 and zone.nr_free_pages <= zone.watermark_min + (1 << order)):
             return False
         self.seq += 1
         zone.del_page_from_free_list(block)
         if order >= PAGEBLOCK_ORDER - 1:
             for p in range(pfn, pfn + (1 << order) - 1, PAGEBLOCK_NR_PAGES):
-                if zone.get_pageblock_migratetype(p) < MIGRATE_PCPTYPES:
-                    zone.set_pageblock_migratetype(p, _MOVABLE)
+                i = (p >> PAGEBLOCK_ORDER) - base
+                if flags[i] < MIGRATE_PCPTYPES:
+                    flags[i] = _MOVABLE
         self._isolated[pfn] = order
         self.nr_isolated_pages += 1 << order
         return True

@@ -27,11 +27,12 @@ _RECLAIMABLE = int(MigrateType.RECLAIMABLE)
 _HIGHATOMIC = int(MigrateType.HIGHATOMIC)
 _CMA = int(MigrateType.CMA)
 _TOP = MAX_ORDER - 1
+_ALLOC_CMA = int(AllocFlags.CMA)
 
 
-def rmqueue(zone: Zone, order: int, mt: int, flags: AllocFlags) -> int | None:
+def rmqueue(zone: Zone, order: int, mt: int, flags: int) -> int | None:
     """Linux ``__rmqueue``: CMA balancing, the requested type, CMA, then fallback."""
-    cma = bool(flags & AllocFlags.CMA)
+    cma = bool(flags & _ALLOC_CMA)
     if cma and zone.nr_free_cma_pages > zone.nr_free_pages // 2:
         pfn = rmqueue_smallest(zone, order, _CMA)
         if pfn is not None:

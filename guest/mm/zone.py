@@ -49,6 +49,8 @@ LOWMEM_RESERVE_RATIO = (256, 256, 32)
 
 _CMA = int(MigrateType.CMA)
 _ISOLATE = int(MigrateType.ISOLATE)
+_ALLOC_CMA = int(AllocFlags.CMA)
+_ALLOC_HIGH = int(AllocFlags.HIGH)
 
 
 def calculate_min_free_kbytes(managed_pages: int) -> int:
@@ -72,6 +74,8 @@ class Zone:
         nr_free_cma_pages: Linux ``NR_FREE_CMA_PAGES``.
         lowmem_reserve: pages kept back from allocations that could have used a higher zone,
             indexed by the highest zone the allocation may use.
+        pageblock_flags: one migratetype byte per pageblock of the span (Linux keeps 4 bits),
+            indexed by ``(pfn >> pageblock_order) - pageblock_base``; hot paths read it directly.
     """
 
     __slots__ = (
@@ -88,8 +92,8 @@ class Zone:
         "watermark_low",
         "watermark_high",
         "lowmem_reserve",
-        "_pb_base",
-        "_pageblock",
+        "pageblock_base",
+        "pageblock_flags",
     )
 
     def __init__(
@@ -108,9 +112,9 @@ class Zone:
         self.lowmem_reserve = [0] * len(ZoneType)
         # one byte per 2 MiB pageblock (Linux keeps 4 bits): 1 TiB is 512K bytes.
         # memmap_init_range() marks every pageblock MIGRATE_MOVABLE at boot.
-        self._pb_base = start_pfn >> PAGEBLOCK_ORDER
-        nblocks = ((end_pfn - 1) >> PAGEBLOCK_ORDER) - self._pb_base + 1
-        self._pageblock = bytearray([MigrateType.MOVABLE]) * nblocks
+        self.pageblock_base = start_pfn >> PAGEBLOCK_ORDER
+        nblocks = ((end_pfn - 1) >> PAGEBLOCK_ORDER) - self.pageblock_base + 1
+        self.pageblock_flags = bytearray([MigrateType.MOVABLE]) * nblocks
 
     # ---- identity and geometry ------------------------------------------------------------
     @property
@@ -130,15 +134,15 @@ class Zone:
     # ---- pageblock migratetypes ----------------------------------------------------------
     def get_pageblock_migratetype(self, pfn: int) -> int:
         """Linux ``get_pageblock_migratetype``: the type of the 2 MiB block holding ``pfn``."""
-        return self._pageblock[(pfn >> PAGEBLOCK_ORDER) - self._pb_base]
+        return self.pageblock_flags[(pfn >> PAGEBLOCK_ORDER) - self.pageblock_base]
 
     def set_pageblock_migratetype(self, pfn: int, mt: int) -> None:
         """Linux ``set_pageblock_migratetype``: only the bitmap; free blocks do not move."""
-        self._pageblock[(pfn >> PAGEBLOCK_ORDER) - self._pb_base] = mt
+        self.pageblock_flags[(pfn >> PAGEBLOCK_ORDER) - self.pageblock_base] = mt
 
     def pageblock_types(self) -> bytes:
         """The migratetype of every pageblock of the span, lowest first (teaching view)."""
-        return bytes(self._pageblock)
+        return bytes(self.pageblock_flags)
 
     # ---- free list manipulation (the only code that changes the lists) -----------------
     def add_to_free_list(self, block: FreeBlock, tail: bool = False) -> None:
@@ -230,16 +234,17 @@ def zone_watermark_ok(
     zone must also keep ``lowmem_reserve[highest_zoneidx]``. For ``order > 0`` a block of at
     least ``order`` must exist on an ordinary list (or CMA with ``ALLOC_CMA``).
     """
+    flags = int(alloc_flags)
     free_pages = zone.nr_free_pages - ((1 << order) - 1)
-    if not alloc_flags & AllocFlags.CMA:
+    if not flags & _ALLOC_CMA:
         free_pages -= zone.nr_free_cma_pages
-    if alloc_flags & AllocFlags.HIGH:
+    if flags & _ALLOC_HIGH:
         mark -= mark // 2
     if free_pages <= mark + zone.lowmem_reserve[highest_zoneidx]:
         return False
     if order == 0:
         return True
-    cma = bool(alloc_flags & AllocFlags.CMA)
+    cma = bool(flags & _ALLOC_CMA)
     for o in range(order, MAX_ORDER):
         area = zone.free_area[o]
         if not area.nr_free:

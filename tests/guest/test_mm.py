@@ -57,6 +57,15 @@ def test_a_guest_above_4gib_has_a_normal_zone():
     assert normal.managed_pages == (2 * GiB) >> 12
 
 
+def test_a_pci_hole_below_4gib_is_a_hole_inside_dma32():
+    mm = PageAllocator([(0, 3 * GiB), (4 * GiB, 3 * GiB)])  # q35-like: RAM above 4 GiB
+    dma32, normal = zone(mm, ZoneType.DMA32), zone(mm, ZoneType.NORMAL)
+    assert dma32.zone_end_pfn == (3 * GiB) >> 12
+    assert normal.zone_start_pfn == (4 * GiB) >> 12 and normal.managed_pages == (3 * GiB) >> 12
+    assert mm.find_free_block((3 * GiB) >> 12) is None
+    mm.check_invariants()
+
+
 def test_holes_and_reserved_ranges_are_never_free():
     bios_hole = (0xF0000, 0x10000)  # QEMU microvm's hole: pfns 0xf0..0xff
     kernel = (0x100000, 0x3FF000)  # pfns 0x100..0x4fe
@@ -353,3 +362,24 @@ def test_shuffle_sends_top_order_frees_to_both_ends():
 def test_fpi_flags_have_linux_values():
     assert (Fpi.SKIP_REPORT_NOTIFY, Fpi.TO_TAIL) == (1, 2)
     assert [m.value for m in MigrateType] == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_model_modules_are_sans_io():
+    """guest.mm, the walker, reporting and workloads import no trio, socket, time or asyncio."""
+    import ast
+    from pathlib import Path
+
+    import guest
+
+    root = Path(guest.__file__).parent
+    files = [*root.joinpath("mm").glob("*.py"), root / "walker.py", root / "reporting.py",
+             root / "workload.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                assert name.split(".")[0] not in {"trio", "socket", "time", "asyncio"}, path

@@ -412,3 +412,11 @@ class ReportingMachine(RuleBasedStateMachine):
 ReportingMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30,
                                               deadline=None)
 TestReportingMachine = ReportingMachine.TestCase
+
+
+def test_the_benchmark_reports_all_reportable_memory_of_a_small_guest():
+    from benchmarks.reporting import measure
+
+    r = measure(2 * GiB)
+    assert r["reported_pages"] == r["reportable_pages"] > 0
+    assert r["passes"] >= 1 and r["virtual_s"] == r["passes"] * PAGE_REPORTING_DELAY

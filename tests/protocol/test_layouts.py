@@ -137,6 +137,8 @@ SAMPLES: tuple[Sample, ...] = (
            "00000000" "08000000" "00000000" "0001000080000000",
            {"offset": 0, "size": 8, "flags": vhost_user.ConfigFlags.WRITABLE,
             "payload": bytes.fromhex("0001000080000000")}),
+    Sample("vhost_user.ConfigHeader", vhost_user.ConfigHeader,
+           "04000000" "04000000" "01000000", {"offset": 4, "size": 4, "flags": 1}),
     Sample("vhost_user.VringFd", vhost_user.VringFd, "0101000000000000",
            {"reserved": 0, "nofd": True, "index": 1}),
 )
