@@ -170,6 +170,12 @@ class BalloonDevice:
         self.on_hint: Callable[[int, int], None] | None = None
         """Called with (gpa, length) for each range hinted in START (the VMM clears dirty
         bits, as QEMU's ``qemu_guest_free_page_hint``)."""
+        self.on_chain: Callable[[BalloonQueue, DescriptorChain, Any], None] | None = None
+        """Observer called with (queue kind, chain, what its handler returned) after each chain
+        is handled and before it is given back, so the driver cannot reuse its pages yet: a
+        :class:`~device.inflate.PfnResult` (inflate, deflate), a
+        :class:`~device.reporting.ReportResult`, a :class:`~device.free_page.HintChainResult`,
+        or None (stats: see :attr:`stats`). For watchers such as ``vballoon serve``."""
 
     # ---- features and queue layout (VirtioBackendDevice) --------------------------------
     def offered_features(self) -> int:
@@ -396,16 +402,23 @@ class BalloonDevice:
         kind = q.kind
         if kind is BalloonQueue.INFLATE or kind is BalloonQueue.DEFLATE:
             walk = inflate if kind is BalloonQueue.INFLATE else deflate
-            walk(chain, q.memory, self.records, queue=q.index, max_pfns=self.max_pfns_per_chain)
+            result = walk(chain, q.memory, self.records, queue=q.index,
+                          max_pfns=self.max_pfns_per_chain)
+            self._observe(kind, chain, result)
             self._give_back(q, chain.head)
         elif kind is BalloonQueue.STATS:
             self._receive_stats(q, chain)
         elif kind is BalloonQueue.FREE_PAGE:
             self._free_page_hints(q, chain)
         else:
-            report(chain, q.memory, self.records, poison_val=self.config.poison_val,
-                   queue=q.index)
+            result = report(chain, q.memory, self.records, poison_val=self.config.poison_val,
+                            queue=q.index)
+            self._observe(kind, chain, result)
             self._give_back(q, chain.head)
+
+    def _observe(self, kind: BalloonQueue, chain: DescriptorChain, result: Any) -> None:
+        if self.on_chain is not None:
+            self.on_chain(kind, chain, result)
 
     def _give_back(self, q: _Queue, head: int) -> None:
         """Return ``head`` used with length 0 (every balloon queue) and interrupt if wanted."""
@@ -420,6 +433,7 @@ class BalloonDevice:
     # ---- stats ----------------------------------------------------------------------------
     def _receive_stats(self, q: _Queue, chain: DescriptorChain) -> None:
         old = receive_stats_chain(self.stats, chain, q.memory, now=_now(), queue=q.index)
+        self._observe(BalloonQueue.STATS, chain, None)
         if old is not None:
             self._give_back(q, old)
         self._retime()
@@ -456,6 +470,7 @@ class BalloonDevice:
     def _free_page_hints(self, q: _Queue, chain: DescriptorChain) -> None:
         r = handle_hint_chain(chain, q.memory, self.hint, self.records, policy=self.policy,
                               queue=q.index, on_hint=self.on_hint)
+        self._observe(BalloonQueue.FREE_PAGE, chain, r)
         if not r.give_back:
             assert r.violation is not None
             self._enter_needs_reset(r.violation)  # QEMU virtio_error: nothing is pushed

@@ -19,8 +19,15 @@ or, with ``zero_detect``, reads all zeros goes as a *zero page*: an 8-byte heade
 (``offset | RAM_SAVE_FLAG_ZERO``) plus one fill byte = **9 bytes** (``ram.duplicate``); any
 other page is an 8-byte header plus 4096 bytes (``ram.normal``). The qtest run in
 research/qtest-hint.md checks it: 130,579 x 4104 + 512 x 9 is within 698 bytes (block names,
-section headers) of the 535,901,522 bytes QEMU counted. Holes are found with SEEK_DATA /
-SEEK_HOLE and never read.
+section headers) of the 535,901,522 bytes QEMU counted. Holes are found with SEEK_DATA
+(:meth:`~virtqueue.memory.GuestMemory.data_ranges_bounded`, whose cost is bounded by what a
+chunk takes) and never read: reading a memfd hole through its mapping would allocate it.
+
+Simplifications: the dirty log is re-protected eagerly at each sync (no KVM manual-protect
+lazy clear), and a hint leaves the dirty log alone (QEMU also clears the KVM log for the hinted
+range; either is safe because the guest does not rely on a page it hinted until it writes it).
+A round's remaining bytes are estimated as pages x 4096, as QEMU does, so the last round may
+run slightly over the downtime limit (headers, zero pages).
 
 Free page hinting is driven at QEMU's precopy notifier points
 (``virtio_balloon_free_page_hint_notify``): ``hint_stop`` before each bitmap sync,
