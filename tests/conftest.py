@@ -41,9 +41,15 @@ _quiet_structlog()
 @pytest.fixture(autouse=True)
 def _restore_structlog():
     """A test that runs the CLI in-process configures structlog for a stream pytest then
-    closes; put the quiet configuration back after every test."""
+    closes, and switches event emission off; put both back after every test."""
+    from device import events as device_events
+    from virtqueue import events as vq_events
+
+    vq_enabled, device_enabled = vq_events.ENABLED, device_events.ENABLED
     yield
     _quiet_structlog()
+    vq_events.set_enabled(vq_enabled)
+    device_events.ENABLED = device_enabled
 
 
 @pytest.fixture(scope="session")

@@ -314,16 +314,17 @@ async def _accept_both(
     async def take(name: str, listener: socket.socket) -> None:
         accepted[name] = await _accept(listener)
 
-    async def watch() -> None:
+    async def watch(scope: trio.CancelScope) -> None:
         nonlocal died
         await qemu.wait_exit(float("inf"))
         died = True
+        scope.cancel()  # stop waiting for connections that will never come
 
     timeout = qemu.options.start_timeout
     try:
         with trio.move_on_after(timeout):
             async with trio.open_nursery() as outer:
-                outer.start_soon(watch)
+                outer.start_soon(watch, outer.cancel_scope)
                 async with trio.open_nursery() as inner:
                     inner.start_soon(take, "qtest", qtest_listener)
                     inner.start_soon(take, "qmp", qmp_listener)
