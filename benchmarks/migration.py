@@ -110,6 +110,37 @@ def run(ram: int = RAM, churn: float = CHURN) -> list[dict]:
     finally:
         events.ENABLED = previous
     rows.append({"name": "wall_time", "value": round(time.perf_counter() - t0, 2), "unit": "s"})
+    if ram == RAM:
+        rows += run_simulated()
+    return rows
+
+
+def run_simulated(ram: int = RAM) -> list[dict]:
+    """The same comparison on the whole simulated machine (sim.scenario: the Linux-like driver,
+    reporting off so only hints can skip stale free memory), for both hinting designs: Linux's
+    (allocate max-order blocks) and the 2018 seed's (walk the free lists)."""
+    from benchmarks.scenario_child import run_child
+
+    rows: list[dict] = []
+    for mode in ("alloc", "walk"):
+        for profile, tag in (("idle", "idle"), ("steady", "churn")):
+            r = run_child({"ram": ram, "profile": profile, "hint_mode": mode,
+                           "reporting": False, "balloon_bytes": 0})
+            name = f"sim_{tag}_{mode}"
+            ratio = r["with_bytes"] / r["without_bytes"] if r["without_bytes"] else None
+            rows += [
+                {"name": f"{name}_bytes_with_hints", "value": r["with_bytes"], "unit": "bytes"},
+                {"name": f"{name}_bytes_without_hints", "value": r["without_bytes"],
+                 "unit": "bytes"},
+                {"name": f"{name}_ratio", "value": None if ratio is None else round(ratio, 4),
+                 "unit": "with/without", "target": "<= 0.1"},
+                {"name": f"{name}_pages_lost", "value": r["pages_lost"], "unit": "pages",
+                 "target": "== 0"},
+                {"name": f"{name}_hinted_bytes", "value": r["hinted_bytes"], "unit": "bytes"},
+                {"name": f"{name}_hinted_pages_reused", "value": r["hinted_pages_reused"],
+                 "unit": "pages"},
+                {"name": f"{name}_wall_time", "value": round(r["wall_s"], 1), "unit": "s"},
+            ]
     return rows
 
 

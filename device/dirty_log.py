@@ -40,7 +40,7 @@ class DirtyLog:
     :meth:`sync` will hand over.
     """
 
-    __slots__ = ("memory", "_dirty", "_pages", "_active", "faults", "syncs")
+    __slots__ = ("memory", "_dirty", "_pages", "_active", "faults", "syncs", "_seen")
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
@@ -49,6 +49,8 @@ class DirtyLog:
         self._active = False
         self.faults = 0
         self.syncs = 0
+        self._seen: set[int] = set()
+        """Single pages already logged this round: the fast path for small writes (rings)."""
 
     @property
     def active(self) -> bool:
@@ -65,6 +67,7 @@ class DirtyLog:
             raise UsageError("dirty logging is already on for this memory")
         self._dirty = RangeSet()
         self._pages = 0
+        self._seen.clear()
         self.faults = 0
         self.memory.add_write_observer(self._on_write)
         self._active = True
@@ -77,11 +80,13 @@ class DirtyLog:
         self._active = False
         self._dirty = RangeSet()
         self._pages = 0
+        self._seen.clear()
 
     def sync(self) -> RangeSet:
         """Hand over the pages written since the last sync and protect everything again."""
         dirty, self._dirty = self._dirty, RangeSet()
         self._pages = 0
+        self._seen.clear()
         self.syncs += 1
         return dirty
 
@@ -93,6 +98,10 @@ class DirtyLog:
         if length <= 0:
             return
         first, end = pages_of(gpa, length)
+        if end - first == 1:
+            if first in self._seen:
+                return
+            self._seen.add(first)
         added = self._dirty.add(first, end)
         self._pages += added
         self.faults += added

@@ -13,6 +13,7 @@ from typing import TextIO
 
 import structlog
 
+from device import events as device_events
 from virtqueue import events as vq_events
 
 __all__ = ["LEVELS", "configure"]
@@ -34,6 +35,8 @@ def configure(level: str = "warning", *, json: bool = False, stream: TextIO | No
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=True,
     )
-    vq_events.set_enabled(numeric <= logging.DEBUG)
+    debug = numeric <= logging.DEBUG
+    vq_events.set_enabled(debug)
+    device_events.ENABLED = numeric <= logging.WARNING  # device events are debug or warning
