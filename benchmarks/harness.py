@@ -50,6 +50,7 @@ REGISTRY: dict[str, str] = {
     "scale": "benchmarks.scale",
     "uml": "benchmarks.uml",
     "fuzz": "benchmarks.fuzz",
+    "ranges": "benchmarks.ranges",
 }
 """Benchmark name -> module exposing ``run() -> list[dict]``."""
 

@@ -184,7 +184,8 @@ def test_explicit_met_wins_and_allows_a_worded_target() -> None:
 
 
 def test_the_real_registry_lists_the_planned_benchmarks() -> None:
-    assert list(harness.REGISTRY) == ["ring", "reporting", "migration", "scale", "uml", "fuzz"]
+    assert list(harness.REGISTRY) == ["ring", "reporting", "migration", "scale", "uml", "fuzz",
+                                      "ranges"]
     assert all(path == f"benchmarks.{name}" for name, path in harness.REGISTRY.items())
 
 
