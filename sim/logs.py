@@ -35,7 +35,7 @@ def configure(level: str = "warning", *, json: bool = False, stream: TextIO | No
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # tests run the CLI in-process; keep it resettable
     )
     debug = numeric <= logging.DEBUG
     vq_events.set_enabled(debug)
