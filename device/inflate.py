@@ -13,7 +13,8 @@ device-readable part, not only the head descriptor (BL-08). QEMU's behaviour, ke
   taken out of the balloon record; deflating a page never inflated is allowed (BL-09).
 
 Work per chain is bounded (``max_pfns``, BL-02): a chain may claim up to 4 GiB of PFNs.
-Consecutive PFNs are handled as one run (one range check, one hole punch).
+Consecutive PFNs, ascending or descending (Linux sends descending runs), are handled as
+one run (one range check, one hole punch).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from protocol.errors import GuestMemoryError
 if TYPE_CHECKING:
     from virtqueue.device import DescriptorChain
 
-__all__ = ["MAX_PFNS_PER_CHAIN", "PFN", "PfnResult", "deflate", "inflate", "pfn_runs"]
+__all__ = ["MAX_PFNS_PER_CHAIN", "PFN", "PfnResult", "deflate", "inflate", "pfn_extents",
+           "pfn_runs"]
 
 PFN = struct.Struct("<I")
 """One le32 PFN (``protocol.balloon.PFN_SIZE`` bytes)."""
@@ -75,6 +77,37 @@ def pfn_runs(data: bytes | memoryview) -> Iterator[tuple[int, int]]:
         yield start, count
 
 
+def pfn_extents(data: bytes | memoryview) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(first_pfn, count, step)`` runs of consecutive PFNs, in buffer order.
+
+    Like :func:`pfn_runs`, but a run may also go *down* (``step`` -1: ``first_pfn`` is the
+    run's first PFN in the buffer, its highest). Linux sends descending runs: it pops its new
+    balloon pages off a list in reverse allocation order, so an ascending-only walk would see
+    256 runs of one page per chain (one hole punch each) where there is one run.
+    """
+    n = len(data) // PFN.size
+    if n > 1:  # fast path: the whole buffer is one run (compared in C, not PFN by PFN)
+        head, tail = PFN.unpack_from(data, 0)[0], PFN.unpack_from(data, (n - 1) * PFN.size)[0]
+        step = 1 if tail > head else -1
+        if abs(tail - head) == n - 1 and bytes(data[:n * PFN.size]) == struct.pack(
+                f"<{n}I", *range(head, tail + step, step)):
+            yield head, n, step
+            return
+    first = count = step = 0
+    for (pfn,) in PFN.iter_unpack(data):
+        if count == 1 and (pfn == first + 1 or pfn == first - 1):
+            step, count = pfn - first, 2
+            continue
+        if count > 1 and pfn == first + count * step:
+            count += 1
+            continue
+        if count:
+            yield first, count, step
+        first, count, step = pfn, 1, 1
+    if count:
+        yield first, count, step
+
+
 def inflate(chain: DescriptorChain, memory: HostMemory, records: BalloonRecords, *,
             queue: int, max_pfns: int = MAX_PFNS_PER_CHAIN) -> PfnResult:
     """Put the chain's PFNs in the balloon: discard each page and record it as ballooned."""
@@ -95,13 +128,14 @@ def _walk(chain: DescriptorChain, memory: HostMemory, records: BalloonRecords, *
     data = chain.read(memory, pfns * PFN_SIZE) if pfns else b""
     applied = unknown = 0
     bad: list[int] = []
-    for first, count in pfn_runs(data):
-        gpa, length = first << PFN_SHIFT, count * BALLOON_PAGE_SIZE
+    for first, count, step in pfn_extents(data):
+        low = first if step > 0 else first - count + 1
+        gpa, length = low << PFN_SHIFT, count * BALLOON_PAGE_SIZE
         if memory.contains(gpa, length):
             pieces = [(gpa, length)]
         else:  # split the run: some pages may still be RAM
             pieces = []
-            for pfn in range(first, first + count):
+            for pfn in range(first, first + count * step, step):
                 page = pfn << PFN_SHIFT
                 if memory.contains(page, BALLOON_PAGE_SIZE):
                     pieces.append((page, BALLOON_PAGE_SIZE))

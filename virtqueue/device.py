@@ -410,7 +410,10 @@ class DeviceQueue:
             self._write_used_u16(avail_event_offset(self.size), self._next_avail)
         else:
             self._write_used_u16(0, 0)
-        return self.avail_idx() != self._next_avail
+        idx = self.avail_idx()
+        # An avail idx already rejected as AV-01 (truncate/skip) is not "more work": nothing
+        # can be consumed until the driver moves it, and reporting it would spin the caller.
+        return idx != self._next_avail and idx != self._bad_avail_idx
 
     def _write_used_u16(self, offset: int, value: int) -> None:
         _pack_u16(self._used_v, offset, value)

@@ -404,8 +404,10 @@ class BalloonChecks:
 
     def _actual(self, value: int) -> None:
         led = self.ledger
-        ram_pages = self._memory().size >> PFN_SHIFT
-        led.check("BL-24", value <= ram_pages and value <= max(self.num_pages_max, self.count),
+        memory = self._memory()
+        ram_pages = memory.size >> PFN_SHIFT if memory is not None else None
+        led.check("BL-24", (ram_pages is None or value <= ram_pages)
+                  and value <= max(self.num_pages_max, self.count),
                   f"actual {value} written (target at most {self.num_pages_max}, RAM "
                   f"{ram_pages} pages)", actual=value, num_pages_max=self.num_pages_max,
                   ram_pages=ram_pages)

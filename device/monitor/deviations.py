@@ -34,8 +34,8 @@ LINUX_DEVIATIONS: tuple[Deviation, ...] = (
         "True of upstream Linux (6.1 and later): virtballoon_probe() -> init_vqs() adds the "
         "first stats buffer and calls virtqueue_kick() on the stats queue before "
         "virtio_device_ready() sets DRIVER_OK (drivers/virtio/virtio_balloon.c); the spec "
-        "(§3.1.1) forbids the early kick. vballoon's device takes the buffer only at "
-        "DRIVER_OK (GEN-V-1). "
+        "(§3.1.1) forbids the early kick. QEMU 7.2 takes the buffer at once (the device "
+        "suite's GEN-V-1 case); vballoon's device waits for DRIVER_OK. "
         "vballoon's guest model reproduces it (BalloonOptions.stats_kick_before_driver_ok)."),
     Deviation(
         "BAL-D-7",

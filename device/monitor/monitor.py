@@ -32,6 +32,7 @@ from protocol.balloon import BalloonQueue
 from protocol.errors import ProtocolViolation
 from protocol.features import BalloonFeature, TransportFeature, has
 from protocol.requirements import REQUIREMENTS, Requirement
+from protocol.status import DeviceStatus
 
 __all__ = ["IMPLEMENTED", "DriverMonitor", "MonitorResult", "driver_requirements"]
 
@@ -52,17 +53,17 @@ _NOT_IMPLEMENTED = {
     "SPL-D-5": "IN_ORDER is not offered by the balloon",
     "SPL-D-10": "IN_ORDER is not offered by the balloon",
 }
-_GATES: dict[str, tuple[int, str]] = {}
+_GATES: dict[str, list[BalloonFeature]] = {}
 for _ids, _feature in (
         (("BAL-D-16", "BAL-D-17", "BAL-D-18", "BAL-D-19", "BAL-D-20", "BAL-D-23", "BL-11",
           "BL-12", "BL-14"), BalloonFeature.STATS_VQ),
         (("BAL-D-24", "BAL-D-25", "BAL-D-26", "BAL-D-27", "BAL-D-28", "BAL-D-29", "BL-16",
           "BL-17"), BalloonFeature.FREE_PAGE_HINT),
         (("BAL-D-38", "BAL-D-39", "BAL-D-41", "BL-19", "BL-21"), BalloonFeature.REPORTING),
-        (("BAL-D-34", "BAL-D-35", "BAL-D-36", "BL-25"), BalloonFeature.PAGE_POISON),
+        (("BAL-D-34", "BAL-D-35", "BAL-D-36", "BAL-D-38", "BL-25"), BalloonFeature.PAGE_POISON),
         (("BAL-D-10",), BalloonFeature.MUST_TELL_HOST)):
     for _id in _ids:
-        _GATES[_id] = (int(_feature), _feature.name)
+        _GATES.setdefault(_id, []).append(_feature)
 _OFFER_GATES = {"GEN-D-10": (TransportFeature.ACCESS_PLATFORM,),
                 "GEN-D-11": (TransportFeature.RING_PACKED, TransportFeature.ORDER_PLATFORM,
                              TransportFeature.NOTIF_CONFIG_DATA),
@@ -223,8 +224,6 @@ class DriverMonitor:
 
     # ---- the register level (virtio-mmio) ---------------------------------------------------
     def status_written(self, value: int) -> None:
-        from protocol.status import DeviceStatus
-
         was_ok = self.status.driver_ok
         self.status.status_written(value)
         if self.status.driver_ok and not was_ok:
@@ -274,13 +273,14 @@ class DriverMonitor:
         return result
 
     def _grade(self, req: Requirement) -> Grade:
+        hidden = self._hidden(req.id)
+        if hidden is not None:  # a check that held only because nothing could be seen
+            return Grade(req.id, Verdict.NOT_EXERCISED, hidden)
         return self.ledger.grade(req.id, reason=self._reason(req))
 
-    def _reason(self, req: Requirement) -> str:
-        """Why ``req`` was not exercised in this run."""
-        caps, rid = self.capabilities, req.id
-        if req.check is None:
-            return f"not observable: {req.unobservable}"
+    def _hidden(self, rid: str) -> str | None:
+        """Why the transport hides what ``rid`` is about (None: it does not)."""
+        caps = self.capabilities
         if rid in _NEEDS_STATUS and not caps.status:
             return (f"{caps.transport} carries no device status: Linux's UML front-end never "
                     "sends SET_STATUS, so DRIVER_OK, FAILED and the init steps are not seen")
@@ -293,13 +293,20 @@ class DriverMonitor:
         if rid in _NEEDS_WRITES and not caps.guest_writes:
             return (f"the guest writes its RAM directly over {caps.transport}: page use is "
                     "only visible on the simulated machine")
+        return None
+
+    def _reason(self, req: Requirement) -> str:
+        """Why ``req`` was not exercised in this run."""
+        rid = req.id
+        if req.check is None:
+            return f"not observable: {req.unobservable}"
         if rid in _NOT_IMPLEMENTED:
             return f"not exercised: {_NOT_IMPLEMENTED[rid]}"
         feats = self.features
-        if rid in _GATES:
-            bit_no, name = _GATES[rid]
-            if feats is None or not feats >> bit_no & 1:
-                return f"{name} was not negotiated"
+        missing = [f.name for f in _GATES.get(rid, ()) if feats is None or not has(feats, f)]
+        if missing:
+            verb = "was" if len(missing) == 1 else "were"
+            return f"{' and '.join(missing)} {verb} not negotiated"
         if rid in _OFFER_GATES:
             names_ = [f.name for f in _OFFER_GATES[rid]]
             if not any(has(self.offered_mask, f) for f in _OFFER_GATES[rid]):

@@ -50,6 +50,7 @@ from protocol.split_ring import (
 )
 from virtqueue.chain import Segment
 from virtqueue.layout import DESC, U16, USED_ELEM
+from virtqueue.notify import kick_needed
 from virtqueue.walk import walk_chain
 
 __all__ = ["CHAIN_RULES", "INDIRECT_ONLY_RULES", "Published", "RingWatch", "Sweep"]
@@ -366,8 +367,6 @@ class RingWatch:
     def stranded(self) -> dict[str, int] | None:
         """Entries published after the last kick that the device never took, if the driver's
         own notification rule (SPL-D-17 / SPL-D-18) said it had to kick for them."""
-        from virtqueue.notify import kick_needed
-
         r = self.ring
         try:
             idx = self._u16(r.avail + AVAIL_IDX)

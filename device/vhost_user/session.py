@@ -22,7 +22,9 @@ event and a closed socket; the device is detached from every ring first.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 import trio
@@ -53,10 +55,8 @@ from protocol.vhost_user import (
     VHOST_VRING_F_LOG,
     BackendRequest,
     ConfigFlags,
-    ConfigHeader,
     FrontendRequest,
     ProtocolFeature,
-    VhostUserConfig,
     VringState,
 )
 from virtqueue.memory import GuestMemory
@@ -68,6 +68,19 @@ log = structlog.get_logger("vballoon.device")
 R = FrontendRequest
 PF = ProtocolFeature
 _BIT30 = 1 << VHOST_USER_F_PROTOCOL_FEATURES
+_CONFIG_HEADER = struct.Struct("<III")
+"""Precompiled :data:`~protocol.vhost_user.ConfigHeader` (offset, size, flags). Config messages
+are the hot path of ballooning (Linux reads num_pages and writes actual around every inflate
+chain), and construct takes ~20 us per parse; tests prove the two layouts equal."""
+
+
+class _ConfigMsg(NamedTuple):
+    """A checked GET_CONFIG / SET_CONFIG payload (:data:`~protocol.vhost_user.VhostUserConfig`)."""
+
+    offset: int
+    size: int
+    flags: int
+    payload: bytes
 
 DEFAULT_PROTOCOL_FEATURES = (1 << PF.REPLY_ACK) | (1 << PF.BACKEND_REQ) | (1 << PF.CONFIG)
 """REPLY_ACK, BACKEND_REQ and CONFIG. Linux 6.1 UML needs BACKEND_REQ (without it the call-fd
@@ -423,6 +436,10 @@ class Session:
                 self._activate()
             if vring.attached and vring.pending_kick:
                 self._deliver_kick(vring)
+        else:
+            # Linux disables every ring at teardown and then frees and zeroes the ring memory:
+            # the device must stop touching it now (a re-enable resumes from the saved base).
+            self._detach(vring)
 
     # ---- attach / kick -------------------------------------------------------------------
     def _attach_ready(self) -> None:
@@ -471,16 +488,16 @@ class Session:
             self.fail(exc)
 
     # ---- config --------------------------------------------------------------------------
-    def _config(self, msg: Message):
-        declared = ConfigHeader.parse(msg.payload).size  # the payload has >= 12 bytes
+    def _config(self, msg: Message) -> _ConfigMsg:
+        # the payload has >= 12 bytes (receive_message checked the request's bounds)
+        offset, declared, flags = _CONFIG_HEADER.unpack_from(msg.payload)
         if len(msg.payload) != CONFIG_HEADER_SIZE + declared or declared > MAX_CONFIG_SIZE:
             raise violation("VU-12", "config size does not match the payload",
                             request=msg.request.name, size=declared, payload=len(msg.payload))
-        cfg = parse_payload(msg)
-        if cfg.flags not in (ConfigFlags.WRITABLE, ConfigFlags.MIGRATION):
+        if flags not in (ConfigFlags.WRITABLE, ConfigFlags.MIGRATION):
             raise violation("VU-12", "unknown config flags", request=msg.request.name,
-                            flags=cfg.flags)
-        return cfg
+                            flags=flags)
+        return _ConfigMsg(offset, declared, flags, bytes(msg.payload[CONFIG_HEADER_SIZE:]))
 
     def _get_config(self, msg: Message) -> bytes:
         cfg = self._config(msg)
@@ -493,11 +510,9 @@ class Session:
             log.warning("vhost_user.config.read_error", offset=cfg.offset, size=cfg.size,
                         detail=str(exc))
             # A zero-length payload signals the error (vhost-user "GET_CONFIG").
-            return VhostUserConfig.build(dict(offset=cfg.offset, size=0, flags=cfg.flags,
-                                              payload=b""))
+            return _CONFIG_HEADER.pack(cfg.offset, 0, cfg.flags)
         log.debug("vhost_user.config.read", offset=cfg.offset, size=cfg.size)
-        return VhostUserConfig.build(dict(offset=cfg.offset, size=cfg.size, flags=cfg.flags,
-                                          payload=data))
+        return _CONFIG_HEADER.pack(cfg.offset, cfg.size, cfg.flags) + data
 
     def _set_config(self, msg: Message) -> bytes | None:
         cfg = self._config(msg)

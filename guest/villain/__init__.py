@@ -9,7 +9,13 @@ health), :mod:`~guest.villain.suite` (running and grading) with
 :mod:`~guest.villain.vhost_user` (a hostile vhost-user front-end).
 """
 
-from guest.villain.cases import CATALOGUE, AttackCase, catalogue
+from guest.villain.cases import (
+    CATALOGUE,
+    SUITE_CHECKS,
+    AttackCase,
+    catalogue,
+    graded_requirements,
+)
 from guest.villain.driver import HostileDriver
 from guest.villain.port import DevicePort, MmioPort, PortLayout
 from guest.villain.suite import Suite
@@ -17,6 +23,7 @@ from guest.villain.verdicts import CaseResult, DeviceVerdict, SuiteResult
 
 __all__ = [
     "CATALOGUE",
+    "SUITE_CHECKS",
     "AttackCase",
     "CaseResult",
     "DevicePort",
@@ -27,4 +34,5 @@ __all__ = [
     "Suite",
     "SuiteResult",
     "catalogue",
+    "graded_requirements",
 ]

@@ -45,6 +45,8 @@ def _outcome(verdict: DeviceVerdict, evidence: str, values: dict[str, Any] | Non
 
 @dataclass(slots=True)
 class _Run:
+    signal: str
+    busy: bool
     alive: bool
     needs_reset: bool
     config_irq: bool | None
@@ -90,6 +92,7 @@ async def _attack(suite: Suite, case: AttackCase, kind: BalloonQueue, build: Bui
                     or drv.used(ring.used, ring.size)[0] >= n)
 
         await port.settle(until=done)
+    busy = getattr(port, "stuck", False)
     alive = port.alive()
     needs_reset = await port.needs_reset() if alive else False
     irq = await port.config_interrupt() if alive and needs_reset else None
@@ -97,7 +100,9 @@ async def _attack(suite: Suite, case: AttackCase, kind: BalloonQueue, build: Bui
     discarded = drv.discarded(pool)
     suite.note_reset(case, needs_reset, irq)
     recovered, how = await drv.recover()
-    return _Run(alive, needs_reset, irq, idx, used, discarded, heads, recovered, how)
+    run_signal = getattr(port, "reset_signal", "DEVICE_NEEDS_RESET set")
+    return _Run(run_signal, busy, alive, needs_reset, irq, idx, used, discarded, heads,
+                recovered, how)
 
 
 def _health(run: _Run) -> Outcome | None:
@@ -106,9 +111,11 @@ def _health(run: _Run) -> Outcome | None:
         return _outcome(V.FAIL, "the device died", run.values())
     if not run.recovered:
         return _outcome(V.WEDGED, run.how, run.values())
-    if run.needs_reset:
-        return _outcome(V.REJECT, "DEVICE_NEEDS_RESET set; serviceable after a reset",
+    if run.busy:
+        return _outcome(V.WEDGED, "the device never became idle (a busy loop) until reset",
                         run.values())
+    if run.needs_reset:
+        return _outcome(V.REJECT, f"{run.signal}; serviceable after a reset", run.values())
     return None
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from protocol.features import BalloonFeature, bit
 from virtqueue.cases import MUTATIONS
 
-__all__ = ["CATALOGUE", "AttackCase", "catalogue"]
+__all__ = ["CATALOGUE", "SUITE_CHECKS", "AttackCase", "catalogue", "graded_requirements"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class AttackCase:
         breaks: the driver requirement the input breaks (None: the input is valid).
         needs: feature bits the device must offer for the case to run.
         queue_size: the inflate queue size the case uses.
+        also: further requirements the case's verdict covers.
     """
 
     id: str
@@ -51,6 +52,7 @@ class AttackCase:
     breaks: str | None = None
     needs: int = 0
     queue_size: int = 16
+    also: tuple[str, ...] = ()
 
 
 _SPEC_OF = {"DC-06": "SPL-D-2", "DC-02": "SPL-D-4", "DC-09": "SPL-D-4", "DC-04": "SPL-D-6",
@@ -140,10 +142,50 @@ CATALOGUE: tuple[AttackCase, ...] = (
     AttackCase("GEN-V-1", "GEN-V-1", "status", "an inflate buffer notified before DRIVER_OK",
                breaks="GEN-D-20"),
     AttackCase("GEN-V-12", "GEN-V-12", "status", "reset: status, InterruptStatus and "
-               "QueueReady read 0 (MMIO-V-3)"),
+               "QueueReady read 0 (MMIO-V-3)", also=("MMIO-V-3",)),
     AttackCase("MMIO-V-1", "MMIO-V-1", "status", "MagicValue and Version"),
+    AttackCase("GEN-V-4", "GEN-V-4", "feature", "no feature offered without its "
+               "prerequisites"),
+    AttackCase("GEN-V-6", "GEN-V-6", "feature", "no undefined or reserved feature bit "
+               "offered"),
+    AttackCase("GEN-V-7", "GEN-V-7", "feature", "the same feature set accepted again after a "
+               "reset"),
+    AttackCase("GEN-V-13", "GEN-V-13", "status", "an old ring notified after a reset, before "
+               "initialisation"),
+    AttackCase("MMIO-V-5", "MMIO-V-5", "status", "a queue configured but never made ready, "
+               "notified"),
+    AttackCase("SPL-V-7", "SPL-V-7", "behaviour", "used-buffer notifications with avail.flags "
+               "0 and NO_INTERRUPT (no EVENT_IDX)"),
+    AttackCase("SPL-V-8", "SPL-V-8", "behaviour", "with EVENT_IDX: a notification at "
+               "used_event although avail.flags is 1"),
+    AttackCase("SPL-V-10", "SPL-V-10", "behaviour", "spurious available-buffer notifications"),
+    AttackCase("MMIO-V-2", "MMIO-V-2", "behaviour", "InterruptStatus stays set until "
+               "InterruptACK"),
+    AttackCase("MMIO-V-4", "MMIO-V-4", "behaviour", "ConfigGeneration changes with a new "
+               "target"),
+    AttackCase("BAL-V-4", "BAL-V-4", "payload", "stats entries in descending tag order",
+               needs=_STATS),
+    AttackCase("BAL-V-14", "BAL-V-14", "payload", "a page reported with PAGE_POISON keeps "
+               "poison_val", needs=_REPORTING),
+    AttackCase("BAL-V-7", "BAL-V-7", "behaviour", "no command ID reused before the driver's "
+               "STOP", needs=_HINT),
+    AttackCase("BAL-V-10", "BAL-V-10", "behaviour", "hinted pages left alone after DONE",
+               needs=_HINT),
 )
 """Every case, in report order."""
+
+
+SUITE_CHECKS = ("GEN-V-2", "GEN-V-3", "SPL-V-2", "SPL-V-9", "SPL-V-6")
+"""Requirements the suite grades over all cases (see :meth:`guest.villain.Suite.checks`)."""
+
+
+def graded_requirements() -> frozenset[str]:
+    """Every catalogue ID a run of the suite gives a verdict on (device or peer-check rules)."""
+    from protocol.requirements import REQUIREMENTS
+
+    ids = {c.rule for c in CATALOGUE} | {c.id for c in CATALOGUE} | set(SUITE_CHECKS)
+    ids |= {r for c in CATALOGUE for r in c.also}
+    return frozenset(i for i in ids if i in REQUIREMENTS)
 
 
 def catalogue(ids: list[str] | None = None) -> list[AttackCase]:

@@ -90,6 +90,16 @@ class HostileDriver:
                        if data[k * _PAGE] != PATTERN)
         return out
 
+    def fill_sentinel(self) -> None:
+        first, pages = self.port.layout.sentinel
+        self.memory.fill(first << 12, pages * _PAGE, PATTERN)
+
+    def sentinel_discarded(self) -> list[int]:
+        """Sentinel PFNs (named by no payload) the device discarded."""
+        first, pages = self.port.layout.sentinel
+        data = self.memory.read(first << 12, pages * _PAGE)
+        return [first + k for k in range(pages) if data[k * _PAGE] != PATTERN]
+
     def pool_pfn(self, k: int) -> int:
         return self.pool_first + k
 

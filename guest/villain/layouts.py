@@ -22,7 +22,7 @@ from virtqueue.cases import Choices, ExpectedChain, Geometry, Layout, RandomChoi
 from virtqueue.layout import DESC, split_layout
 from virtqueue.strategies import Options, build_near_valid, build_valid, feasible_kinds
 
-__all__ = ["PfnStream", "build_case_layout", "lenient_pfns", "pool_pfns"]
+__all__ = ["PfnStream", "build_case_layout", "lenient_pfns", "mixed_chains", "pool_pfns"]
 
 _NEXT, _WRITE, _INDIRECT = int(DescFlags.NEXT), int(DescFlags.WRITE), int(DescFlags.INDIRECT)
 _U64_END = 1 << 64
@@ -82,7 +82,7 @@ def build_case_layout(case_id: str, mutation: str | None, size: int, geometry: G
         found = CaseLayout(layout, stream.count)
         if best is None or _richness(found) > _richness(best):
             best = found
-        if all(len(c.data) >= 4 for c in layout.expected or ()) and stream.count >= 4:
+        if _richness(found) == (0, 0, stream.count) and stream.count >= 4:
             break
     assert best is not None
     return best
@@ -91,9 +91,30 @@ def build_case_layout(case_id: str, mutation: str | None, size: int, geometry: G
 _ATTEMPTS = 20
 
 
-def _richness(cl: CaseLayout) -> tuple[int, int]:
+def _richness(cl: CaseLayout) -> tuple[int, int, int]:
+    """How well a layout isolates its case: no chain mixing direct descriptors with an
+    indirect table (SPL-V-4 has a case of its own, and a device that mishandles it would blur
+    every other case), every valid chain carrying PFNs, then more PFNs."""
     chains = cl.layout.expected or ()
-    return (sum(len(c.data) >= 4 for c in chains) - len(chains), cl.pfns)
+    return (-mixed_chains(cl.layout), sum(len(c.data) >= 4 for c in chains) - len(chains),
+            cl.pfns)
+
+
+def mixed_chains(layout: Layout) -> int:
+    """How many available chains go through ring descriptors into an indirect table."""
+    img = _Image(layout)
+    count = 0
+    for head in set(layout.entries):
+        i, steps = head, 0
+        while 0 <= i < layout.size and steps <= layout.size:
+            _, _, flags, nxt = DESC.unpack(img.read(layout.desc + 16 * i, 16))
+            if flags & _INDIRECT and steps:
+                count += 1
+                break
+            if not flags & _NEXT:
+                break
+            i, steps = nxt, steps + 1
+    return count
 
 
 # ---- the hand-built valid layouts ----------------------------------------------------------
@@ -190,12 +211,17 @@ class _Image:
 
 
 def lenient_pfns(layout: Layout, head: int, pool: range) -> set[int]:
-    """Pool PFNs a device that checks nothing would take from the chain at ``head``."""
+    """Pool PFNs a device that checks nothing would take from the chain at ``head``.
+
+    Only the parts of each buffer that the layout wrote are read (the rest of RAM holds no
+    pool PFN), so a chain of 4 GiB (DC-09) costs no more than a small one.
+    """
     if not 0 <= head < layout.size:
         return set()
     img = _Image(layout)
     base, limit, i, in_table = layout.desc, layout.size, head, False
-    data = []
+    chunks: list[tuple[int, bytes]] = []  # (position in the chain's readable stream, bytes)
+    offset = 0
     for _ in range(layout.size + 2):
         if i >= limit:
             break
@@ -207,8 +233,26 @@ def lenient_pfns(layout: Layout, head: int, pool: range) -> set[int]:
             base, limit, i, in_table = addr, entries, 0, True
             continue
         if not flags & _WRITE and img.inside(addr, length):
-            data.append(img.read(addr, length))
+            for start, data in img.pieces:
+                lo, hi = max(addr, start), min(addr + length, start + len(data))
+                if lo < hi:
+                    chunks.append((offset + lo - addr, data[lo - start:hi - start]))
+            offset += length
         if not flags & _NEXT:
             break
         i = nxt
-    return pool_pfns(b"".join(data), pool)
+    out: set[int] = set()
+    for at, data in _merge(chunks):
+        out |= pool_pfns(data[(-at) % 4:], pool)
+    return out
+
+
+def _merge(chunks: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """Join chunks that are contiguous in the stream (a PFN may straddle two buffers)."""
+    out: list[tuple[int, bytearray]] = []
+    for at, data in sorted(chunks):
+        if out and out[-1][0] + len(out[-1][1]) == at:
+            out[-1][1].extend(data)
+        else:
+            out.append((at, bytearray(data)))
+    return [(at, bytes(d)) for at, d in out]

@@ -22,7 +22,7 @@ from protocol.mmio import CONFIG_OFFSET, MmioReg
 from protocol.status import DeviceStatus
 from virtqueue.cases import Geometry
 
-__all__ = ["DevicePort", "MmioPort", "PortLayout"]
+__all__ = ["DevicePort", "HostControl", "MmioPort", "PortLayout"]
 
 _R = MmioReg
 _U32 = 0xFFFF_FFFF
@@ -37,12 +37,32 @@ class PortLayout:
             come from ``geometry.outside``).
         pool: ``(first_pfn, pages)``: pages filled with a pattern whose PFNs payloads carry; a
             page the device discarded reads back as zeros.
-        control: guest address of 64 KiB for the suite's own valid rings and buffers.
+        control: guest address of 128 KiB for the suite's own valid rings and buffers.
+        sentinel: ``(first_pfn, pages)`` filled with the pattern and named by no payload: a
+            device that discards one of them took a PFN from bytes that are not a payload
+            (e.g. an indirect table read as data). Small PFNs are the likely victims.
     """
 
     geometry: Geometry
     pool: tuple[int, int]
     control: int
+    sentinel: tuple[int, int] = (0, 64)
+
+
+class HostControl(Protocol):
+    """The host's side of a device, where the suite can reach it (QMP for QEMU, the device
+    object for ours): what a driver cannot do, but a case needs done."""
+
+    async def set_target(self, target_bytes: int) -> None:
+        """Ask the guest to shrink to ``target_bytes`` (QMP ``balloon``)."""
+        ...
+
+    def can_hint(self) -> bool:
+        """Whether :meth:`hint_start` and friends work here (QEMU: only inside a migration)."""
+        ...
+
+    async def hint_start(self) -> None: ...
+    async def hint_done(self) -> None: ...
 
 
 class DevicePort(Protocol):
@@ -53,13 +73,22 @@ class DevicePort(Protocol):
     layout: PortLayout
     status_visible: bool
     """Whether DEVICE_NEEDS_RESET and InterruptStatus can be read (not over vhost-user)."""
+    stuck: bool
+    """Whether the last :meth:`settle` found the device still busy at its bound."""
+    reset_signal: str
+    """How this transport shows an error that needs a reset, for evidence."""
+    host: HostControl | None
+    """The host's controls, if the suite can reach them."""
 
     def offered_features(self) -> int: ...
     async def begin(self, features: int) -> bool:
         """Reset, ACKNOWLEDGE, DRIVER, write ``features``, FEATURES_OK; whether it held."""
         ...
     async def setup_queue(self, index: int, size: int, desc: int, avail: int,
-                          used: int) -> bool: ...
+                          used: int, *, ready: bool = True) -> bool:
+        """Configure queue ``index``; with ``ready=False`` leave it not ready (MMIO
+        QueueReady 0, vhost-user not enabled)."""
+        ...
     async def driver_ok(self) -> None: ...
     async def notify(self, index: int) -> None: ...
     async def settle(self, until: Callable[[], Awaitable[bool]] | None = None) -> None:
@@ -83,6 +112,11 @@ class DevicePort(Protocol):
     async def write_config(self, offset: int, value: int) -> None: ...
     async def queue_ready(self, index: int) -> int | None: ...
     async def identity(self) -> dict[str, int] | None: ...
+    async def config_generation(self) -> int | None: ...
+    async def take_used_interrupt(self, index: int) -> bool | None:
+        """Whether a used-buffer notification is pending for queue ``index``, and clear it
+        (MMIO: InterruptStatus bit 0, then InterruptACK; None: not observable)."""
+        ...
 
 
 class MmioPort:
@@ -101,10 +135,12 @@ class MmioPort:
     """
 
     status_visible = True
+    reset_signal = "DEVICE_NEEDS_RESET set"
 
     def __init__(self, bus: Any, memory: Any, layout: PortLayout, *,
                  settle: Callable[[], Awaitable[None]], alive: Callable[[], bool],
-                 name: str, wait: float = 0.5) -> None:
+                 name: str, wait: float = 0.5, host: HostControl | None = None) -> None:
+        self.host = host
         self.bus = bus
         self.memory = memory
         self.layout = layout
@@ -112,6 +148,9 @@ class MmioPort:
         self._alive = alive
         self.name = name
         self.wait = wait
+        self.stuck = False
+        """The last :meth:`settle` timed out while the device was still running (a busy
+        loop): the device never became idle."""
 
     def _w(self, reg: int, value: int) -> None:
         self.bus.write32(int(reg), value & _U32)
@@ -137,13 +176,15 @@ class MmioPort:
         return bool(self._r(_R.STATUS) & s.FEATURES_OK)
 
     async def setup_queue(self, index: int, size: int, desc: int, avail: int,
-                          used: int) -> bool:
+                          used: int, *, ready: bool = True) -> bool:
         self._w(_R.QUEUE_SEL, index)
         self._w(_R.QUEUE_NUM, size)
         for low, addr in ((_R.QUEUE_DESC_LOW, desc), (_R.QUEUE_AVAIL_LOW, avail),
                           (_R.QUEUE_USED_LOW, used)):
             self._w(low, addr)
             self._w(low + 4, addr >> 32)
+        if not ready:
+            return True
         self._w(_R.QUEUE_READY, 1)
         return bool(self._r(_R.QUEUE_READY))
 
@@ -154,13 +195,16 @@ class MmioPort:
         self._w(_R.QUEUE_NOTIFY, index)
 
     async def settle(self, until: Callable[[], Awaitable[bool]] | None = None) -> None:
-        await self._settle()
-        if until is None:
-            return
+        busy = True
         with trio.move_on_after(self.wait):
-            while not await until():
+            await self._settle()
+            busy = False
+            while until is not None and not await until():
                 await trio.sleep(0.005)
+                busy = True
                 await self._settle()
+                busy = False
+        self.stuck = busy
 
     def alive(self) -> bool:
         return self._alive()
@@ -193,6 +237,15 @@ class MmioPort:
     async def identity(self) -> dict[str, int] | None:
         return {"magic": self._r(_R.MAGIC_VALUE), "version": self._r(_R.VERSION),
                 "device_id": self._r(_R.DEVICE_ID)}
+
+    async def config_generation(self) -> int | None:
+        return self._r(_R.CONFIG_GENERATION)
+
+    async def take_used_interrupt(self, index: int) -> bool | None:
+        isr = self._r(_R.INTERRUPT_STATUS)
+        if isr & 1:
+            self._w(_R.INTERRUPT_ACK, 1)
+        return bool(isr & 1)
 
     async def acknowledge(self) -> None:
         """Clear whatever InterruptStatus shows (a driver's InterruptACK)."""

@@ -54,6 +54,7 @@ class Outcome:
 
 @dataclass(slots=True)
 class _Observation:
+    busy: bool
     alive: bool
     needs_reset: bool
     config_irq: bool | None
@@ -62,6 +63,8 @@ class _Observation:
     used_flags: int
     discarded: set[int]
     intact: bool
+    stray: list[int] = field(default_factory=list)
+    """Sentinel pages (named by no payload) the device discarded."""
 
 
 def not_checked_note(case: AttackCase, device: str) -> str | None:
@@ -70,10 +73,10 @@ def not_checked_note(case: AttackCase, device: str) -> str | None:
         return None
     req = REQUIREMENTS.get(case.breaks)
     what = f"{case.breaks} ({req.summary})" if req is not None else case.breaks
-    return (f"{device} does not check this: it consumed input that breaks {what}. The spec "
-            "forbids the driver to send it but lets a device carry on (§2.1.2), so this is "
-            "not a device failure; it differs from the spec's reading, under which the "
-            "input is invalid.")
+    return (f"The device took input that breaks {what} without refusing it. The spec forbids "
+            "the driver to send it and lets a device carry on (§2.1.2), so this is not a "
+            "device failure; a device that checks the rule (e.g. vballoon's needs-reset "
+            "policy) refuses it.")
 
 
 class Suite:
@@ -103,6 +106,7 @@ class Suite:
 
     async def run_case(self, case: AttackCase) -> CaseResult:
         from guest.villain.attacks import HANDLERS
+        from guest.villain.behaviour import BEHAVIOUR
 
         started = time.perf_counter()
         if case.id in self.skip:
@@ -114,7 +118,7 @@ class Suite:
                 if case.kind in ("layout", "valid"):
                     out = await self._layout(case)
                 else:
-                    out = await HANDLERS[case.id](self, case)
+                    out = await (HANDLERS.get(case.id) or BEHAVIOUR[case.id])(self, case)
             except VballoonError as exc:
                 alive = self.port.alive()
                 out = Outcome(V.FAIL, f"the device {'failed' if alive else 'died'} during the "
@@ -137,6 +141,7 @@ class Suite:
         if not await port.begin(drv.features(_INDIRECT if layout.indirect else 0)):
             return Outcome(V.FAIL, "the device refused FEATURES_OK for features it offers")
         drv.fill_pool(cl.pfns)
+        drv.fill_sentinel()
         layout.write_into(drv.memory)
         if not await port.setup_queue(0, layout.size, layout.desc, layout.avail, layout.used):
             return Outcome(V.SKIP, f"the device refused an inflate queue of {layout.size} "
@@ -151,12 +156,16 @@ class Suite:
 
         await port.settle(until=done)
         obs = await self._observe(layout, cl.pfns)
+        if case.mutation != "chain_too_big":  # its buffers span RAM: every PFN is named
+            obs.stray = drv.sentinel_discarded()
         recovered, how = await drv.recover()
         self._record(case, obs)
-        return _grade_layout(case, layout, pool, obs, recovered, how, port.name)
+        return _grade_layout(case, layout, pool, obs, recovered, how, port.name,
+                             getattr(port, "reset_signal", "DEVICE_NEEDS_RESET set"))
 
     async def _observe(self, layout: Layout, pfns: int) -> _Observation:
         port, drv = self.port, self.driver
+        busy = getattr(port, "stuck", False)
         alive = port.alive()
         needs_reset = await port.needs_reset() if alive else False
         irq = await port.config_interrupt() if alive and needs_reset else None
@@ -164,8 +173,8 @@ class Suite:
         intact = all(drv.memory.read(gpa, len(data)) == data
                      for gpa, data in ((layout.desc, layout.table), *layout.writes)
                      if drv.memory.contains(gpa, len(data)))
-        return _Observation(alive, needs_reset, irq, idx, used, flags, drv.discarded(pfns),
-                            intact)
+        return _Observation(busy, alive, needs_reset, irq, idx, used, flags,
+                            drv.discarded(pfns), intact)
 
     def _record(self, case: AttackCase, obs: _Observation) -> None:
         self._layout_cases += 1
@@ -224,12 +233,12 @@ class Suite:
 
 
 def _grade_layout(case: AttackCase, layout: Layout, pool: range, obs: _Observation,
-                  recovered: bool, how: str, device: str) -> Outcome:
+                  recovered: bool, how: str, device: str, signal: str) -> Outcome:
     used_heads = [h for h, _ in obs.used]
     values: dict[str, Any] = {
         "layout": layout.describe(), "used_idx": obs.used_idx, "used": used_heads,
         "needs_reset": obs.needs_reset, "config_interrupt": obs.config_irq,
-        "discarded": len(obs.discarded), "recovered": recovered}
+        "discarded": len(obs.discarded), "recovered": recovered, "busy": obs.busy}
     published = set(layout.entries)
     bogus = [h for h in used_heads if h >= layout.size or h not in published]
     if not obs.alive:
@@ -240,19 +249,27 @@ def _grade_layout(case: AttackCase, layout: Layout, pool: range, obs: _Observati
     if not obs.intact:
         return Outcome(V.FAIL, "the device wrote the descriptor table or a device-readable "
                        "buffer (SPL-V-2)", values)
+    stray = f"; pages no payload named were discarded: {obs.stray[:8]}" if obs.stray else ""
+    values["stray_discarded"] = obs.stray[:16]
     expected = layout.expected or ()
     prefix = set().union(*(pool_pfns(c.data, pool) for c in expected))
     lost = sorted(prefix - obs.discarded)
     if case.kind == "valid":
         unused = [c.head for c in expected if c.head not in used_heads]
-        if obs.needs_reset or unused or lost:
+        if obs.needs_reset or unused or lost or obs.stray:
             return Outcome(V.FAIL, f"a valid layout was not processed exactly: needs_reset="
                            f"{obs.needs_reset}, chains not used {unused}, {len(lost)} PFNs not "
-                           "discarded", values | {"lost_pfns": lost[:8]})
+                           f"discarded{stray}", values | {"lost_pfns": lost[:8]})
         if not recovered:
             return Outcome(V.WEDGED, f"valid layout processed, then {how}", values)
         return Outcome(V.PASS, f"all {len(expected)} chains used and their {len(prefix)} PFNs "
                        "discarded", values)
+    if obs.busy:
+        return Outcome(V.WEDGED, "the device never became idle: it was still running (a busy "
+                       f"loop) at the end of the bounded wait; after the case, {how}", values)
+    if obs.stray:
+        return Outcome(V.FAIL, f"the device took PFNs from bytes that are no payload{stray}",
+                       values)
     if lost and not obs.needs_reset:
         return Outcome(V.FAIL, f"valid chains before the bad one were not processed "
                        f"({len(lost)} PFNs kept)", values | {"lost_pfns": lost[:8]})
@@ -260,7 +277,7 @@ def _grade_layout(case: AttackCase, layout: Layout, pool: range, obs: _Observati
         return Outcome(V.WEDGED, f"after the case, {how}", values)
     if obs.needs_reset:
         note = "valid chains before the bad one were dropped" if lost else None
-        return Outcome(V.REJECT, "DEVICE_NEEDS_RESET set" + (
+        return Outcome(V.REJECT, signal + (
             ", with a configuration change notification" if obs.config_irq else "")
             + "; serviceable after a reset", values, note)
     j = len(expected)

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from guest.villain.port import PortLayout
+from guest.villain.port import HostControl, PortLayout
 from protocol.errors import PeerError
 from protocol.vhost_user import (
     HEADER_SIZE,
@@ -62,13 +62,23 @@ class VhostUserPort:
         layout: where the suite may put things (its geometry must match ``ram``).
         name: for reports.
         wait: how long :meth:`settle` waits for a condition (real seconds).
+        idle: for a back-end in this process: returns once every other task is blocked
+            (``trio.testing.wait_all_tasks_blocked``), so a device that never blocks is seen
+            as :attr:`stuck`.
+        busy_bound: how long (real seconds) ``idle`` may take before the device is stuck.
     """
 
     status_visible = False
+    reset_signal = "the back-end closed the connection (vhost-user's DEVICE_NEEDS_RESET)"
 
     def __init__(self, path: str, ram: int, layout: PortLayout, *, name: str,
-                 wait: float = 0.5) -> None:
+                 wait: float = 0.2,
+                 idle: Callable[[], Awaitable[None]] | None = None,
+                 busy_bound: float = 2.0, host: HostControl | None = None) -> None:
         self.path = path
+        self.busy_bound = busy_bound
+        self._idle = idle
+        self.stuck = False
         self.ram = ram
         self.layout = layout
         self.name = name
@@ -83,6 +93,8 @@ class VhostUserPort:
         self._fds: list[int] = []
         self._kicks: dict[int, int] = {}
         self._calls: list[socket.socket] = []
+        self._call_socks: dict[int, socket.socket] = {}
+        self.host = host
 
     # ---- connection ------------------------------------------------------------------------
     async def connect(self) -> None:
@@ -113,7 +125,7 @@ class VhostUserPort:
                 pass
         for s in self._calls:
             s.close()
-        self._fds, self._kicks, self._calls = [], {}, []
+        self._fds, self._kicks, self._calls, self._call_socks = [], {}, [], {}
 
     def close(self) -> None:
         """Hang up and release the RAM."""
@@ -175,9 +187,10 @@ class VhostUserPort:
         return await self._ack(R.SET_MEM_TABLE, table, fds=(self._fd,))
 
     async def setup_queue(self, index: int, size: int, desc: int, avail: int,
-                          used: int) -> bool:
+                          used: int, *, ready: bool = True) -> bool:
         mine, theirs = socket.socketpair()
         self._calls.append(mine)
+        self._call_socks[index] = mine
         mine.setblocking(False)
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._fds.append(kick)
@@ -191,6 +204,8 @@ class VhostUserPort:
                      avail=USER_BASE + avail, log=0)), ()),
                  (R.SET_VRING_KICK, vfd, (kick,)),
                  (R.SET_VRING_ENABLE, VringState.build(dict(index=index, num=1)), ())]
+        if not ready:
+            steps.pop()
         try:
             for request, payload, fds in steps:
                 if not await self._ack(request, payload, fds=fds):
@@ -209,11 +224,14 @@ class VhostUserPort:
 
     async def settle(self, until: Callable[[], Awaitable[bool]] | None = None) -> None:
         await trio.sleep(0.002)
-        if until is None:
-            return
         with trio.move_on_after(self.wait):
-            while not await until():
+            while until is not None and not await until():
                 await trio.sleep(0.005)
+        self.stuck = False
+        if self._idle is not None:
+            with trio.move_on_after(self.busy_bound) as scope:
+                await self._idle()
+            self.stuck = scope.cancelled_caught
 
     def alive(self) -> bool:
         return not self._dead
@@ -267,4 +285,24 @@ class VhostUserPort:
 
     async def identity(self) -> dict[str, int] | None:
         return None
+
+    async def config_generation(self) -> int | None:
+        return None
+
+    async def take_used_interrupt(self, index: int) -> bool | None:
+        """Whether the back-end wrote the call fd of queue ``index`` (drained here)."""
+        sock = self._call_socks.get(index)
+        if sock is None:
+            return None
+        got = False
+        while True:
+            try:
+                data = sock.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return got
+            except OSError:
+                return got
+            if not data:
+                return got
+            got = True
 

@@ -1,0 +1,1 @@
+"""Conformance reports: the driver monitor and the device suite, run and rendered."""
