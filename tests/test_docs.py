@@ -38,8 +38,17 @@ SKIP = {
     "apt-get install -y --no-install-recommends qemu-system-x86": "installs a peer",
     "vballoon qemu all": "needs QEMU; tests/sim/test_qemu_scenarios.py (marked peer)",
     "vballoon trace malformed --peer qemu": "needs QEMU; tests/sim/test_trace.py (marked peer)",
+    "vballoon trace reporting --peer uml": "needs User-Mode Linux; tests/sim/test_trace_uml.py "
+                                           "(marked peer)",
     "vballoon serve --socket /tmp/vb.sock": "a server that waits for a real guest; "
                                             "tests/sim/test_serve.py",
+    "vballoon conform driver --uml": "needs User-Mode Linux; tests/sim/test_conform_uml.py "
+                                     "(marked peer)",
+    "vballoon conform device --qemu": "needs QEMU; tests/sim/test_conform_qemu.py (marked peer)",
+    "vballoon fuzz --seconds 600": "a 10-minute campaign; tests/sim/test_fuzz_cli.py runs a "
+                                   "3-second one",
+    "vballoon fuzz --differential --layouts 10000": "needs QEMU and a minute; "
+                                                    "tests/sim/test_fuzz_differential.py",
 }
 """Command -> why it is not run here (and what runs it instead)."""
 _FENCE = re.compile(r"^```(\w*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
