@@ -481,7 +481,7 @@ class _Seam:
         self._device.attach_queue(index, ring, memory, notify_used)
         kind = next((k for k in BalloonQueue if self._device.queue_index(k) == index), None)
         self._server._emit("queue", index=index, queue=None if kind is None else kind.name,
-                           size=ring.size)
+                           size=ring.size, desc=ring.desc, avail=ring.avail, used=ring.used)
 
     def detach_queue(self, index: int) -> int:
         return self._device.detach_queue(index)

@@ -11,6 +11,7 @@ import re
 
 from protocol.errors import ConfigError
 from protocol.features import BalloonFeature, TransportFeature, mask
+from sim.units import parse_size as _parse_size
 
 __all__ = ["SERVE_FEATURES", "parse_features", "parse_size"]
 
@@ -29,17 +30,11 @@ _FEATURE_SETS = {
     "none": 0,
 }
 _NAMES = {f.name: int(f) for f in BalloonFeature} | {f.name: int(f) for f in TransportFeature}
-_UNITS = {"": 1 << 20, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gib": 1 << 30}
 
 
 def parse_size(text: str) -> int:
     """``64M``, ``1G``, ``512KiB`` or a plain number of MiB (QEMU's HMP ``balloon``), as bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise ConfigError(f"not a size: {text!r} (examples: 64M, 1G, or 512 for MiB)")
-    return int(m.group(1)) * _UNITS[unit]
+    return _parse_size(text, bare=1 << 20)
 
 
 def parse_features(text: str, base: int = SERVE_FEATURES) -> int:

@@ -28,7 +28,6 @@ Findings this harness encodes (see shared/research/uml-vhost-user.md):
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
@@ -45,6 +44,7 @@ import structlog
 import trio
 
 from protocol.errors import ConfigError, PeerError
+from sim.peer_process import die_with_parent
 
 __all__ = [
     "BALLOON_MODULE",
@@ -67,19 +67,8 @@ BALLOON_MODULE = "kernel/drivers/virtio/virtio_balloon.ko"
 MARK_PREFIX = "VBALLOON-MARK "
 _MARK_RE = re.compile(re.escape(MARK_PREFIX) + r"(.*)")
 _INSTALL = "apt-get install -y user-mode-linux kmod"
-_PR_SET_PDEATHSIG = 1
 _TMPFS = "tmpfs"
 
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - non-glibc systems
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL UML when the thread that forked it (the trio thread) exits."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 # ---- what to run -----------------------------------------------------------------------------
@@ -346,7 +335,7 @@ async def boot(machine: UmlMachine, kernel: UmlKernel | None = None
             popen = subprocess.Popen(  # noqa: S603 - argv built from validated fields
                 argv, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
                 close_fds=True, start_new_session=True, env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_parent,  # noqa: PLW1509
             )
         except OSError as exc:
             os.close(read_fd)

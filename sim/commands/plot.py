@@ -18,7 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from sim.commands.run import parse_size
+from sim.units import size_argument
+
+parse_size = size_argument()
 
 __all__ = ["PICTURES", "add_arguments", "main", "write_pictures"]
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections import defaultdict
 from typing import Any
 
-from protocol.errors import ConfigError
+from sim.units import parse_size
 
 __all__ = ["add_arguments", "main", "parse_ram"]
 
@@ -38,10 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_ram(text: str) -> int:
     """``128M``, ``1G``, ``262144K`` or a byte count; :class:`ConfigError` otherwise."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", text)
-    if m is None:
-        raise ConfigError(f"--ram must be a size such as 128M or 1G, not {text!r}")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    return parse_size(text)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -4,28 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 from guest.balloon import HintMode
 from guest.workload import WorkloadProfile
 from sim.scenario import RunConfig, RunResult, run_scenario_sync
+from sim.units import size_argument
 
-__all__ = ["add_arguments", "main", "parse_size"]
+parse_size = size_argument()
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
-          "g": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4G``, ``512MiB``, ``1T`` or a plain byte count, as bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4G, 512M, 1T)")
-    return int(m.group(1)) * _UNITS[unit]
-
+__all__ = ["add_arguments", "main"]
 
 def _nonnegative(text: str) -> float:
     try:

@@ -10,7 +10,10 @@ recorded, and a *why* line per step citing the spec section and the Linux or QEM
 ``--step`` waits for Enter between steps (only when stdin is a terminal). ``--json`` prints the
 recorded events instead, one JSON object per line. ``--peer qemu`` runs the guest side against
 QEMU's real virtio-balloon over qtest (:mod:`sim.teach.peers`): only our driver's end is
-instrumented there, so the device's work shows as the used ring changing.
+instrumented there, so the device's work shows as the used ring changing. ``--peer uml`` is the
+other direction (``inflate`` and ``reporting``): Linux 6.1's real driver in User-Mode Linux
+drives our device over vhost-user, and the trace tells what the device end saw (its pops,
+pushes, interrupt decisions and records; the rings read from the mapped guest RAM).
 
 Exit status: 0; 1 when the scenario's point did not happen (``malformed``: the device did not
 reject the chain).
@@ -23,9 +26,11 @@ import json
 import sys
 
 from guest.balloon import HintMode
-from sim.commands.run import parse_size
 from sim.teach.scenarios import SCENARIOS, TAMPER_RULES, Trace, TraceOptions, run_trace
+from sim.units import size_argument
 from virtqueue.policy import ErrorPolicy
+
+parse_size = size_argument()
 
 __all__ = ["add_arguments", "main", "trace_ok"]
 
@@ -68,8 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_int("--width"), default=None,
                    help="columns to render for (default: the terminal's)")
     p.add_argument("--peer", choices=("sim", "qemu", "uml"), default="sim",
-                   help="where the other end runs: our simulated device (default) or QEMU's "
-                        "virtio-balloon over qtest; 'uml' is future work")
+                   help="where the other end runs: our simulated device (default), QEMU's "
+                        "virtio-balloon over qtest (our driver), or 'uml': Linux 6.1's driver "
+                        "in User-Mode Linux against our device (inflate, reporting)")
     p.add_argument("--qemu", metavar="PATH", help="qemu-system-x86_64 for --peer qemu")
 
 
@@ -113,9 +119,10 @@ def main(args: argparse.Namespace) -> int:
     if args.width is not None and not 40 <= args.width <= 1000:
         raise ConfigError(f"--width must be between 40 and 1000 columns, not {args.width}")
     if args.peer == "uml":
-        raise ConfigError("--peer uml is not built yet: the vhost-user trace needs the device "
-                          "end's ring addresses (see docs/tutorial.md, 'Real peers')")
-    if args.peer == "qemu":
+        from sim.teach.peers import run_uml_trace
+
+        trace = run_uml_trace(args.scenario, options)
+    elif args.peer == "qemu":
         from sim.teach.peers import run_qemu_trace
 
         trace = run_qemu_trace(args.scenario, options, binary=args.qemu)

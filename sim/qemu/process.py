@@ -19,7 +19,6 @@ Two modes (see shared/research/qtest.md; Debian ships no ``-accel qtest``):
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import os
 import shutil
@@ -37,6 +36,7 @@ import structlog
 import trio
 
 from protocol.errors import ConfigError, PeerError
+from sim.peer_process import die_with_parent
 from sim.qemu.memory import QtestMemory, microvm_ram_regions
 from sim.qemu.qmp import QmpClient
 from sim.qemu.qtest import QtestClient
@@ -60,19 +60,8 @@ HLT_FIRMWARE_SIZE = 64 * 1024
 """Size of the mode-B firmware; 64 KiB maps it at 0xf0000 like microvm's own BIOS."""
 _HLT = b"\xf4"
 _IOTHREAD_ID = "vballoon-io0"
-_PR_SET_PDEATHSIG = 1
 _SUN_PATH_MAX = 107
 
-try:
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - non-glibc systems
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the thread that forked it exits."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class QemuMode(enum.Enum):
@@ -413,7 +402,7 @@ def _spawn(argv: list[str], workdir: Path) -> subprocess.Popen:
                 stdout=errlog,
                 stderr=errlog,
                 close_fds=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_parent,  # noqa: PLW1509
             )
         except OSError as exc:
             raise PeerError(f"cannot start {argv[0]}: {exc}") from exc

@@ -34,10 +34,11 @@ __all__ = ["narrate"]
 
 _SKIP = frozenset({
     "balloon.attach", "balloon.features", "balloon.activate", "balloon.reset", "balloon.stats",
-    "balloon.kick", "driver.features", "driver.stats", "driver.probe", "driver.hint.block",
+    "balloon.kick", "balloon.detach", "driver.features", "driver.stats", "driver.probe",
+    "driver.hint.block",
     "teach.buffer", "teach.records", "teach.ring", "teach.walk.visit",
 })
-_SKIP_PREFIX = ("mmio.", "virtio_mmio.", "qemu.")
+_SKIP_PREFIX = ("mmio.", "virtio_mmio.", "qemu.", "vhost_user.", "uml.")
 _WHY_KINDS = 6
 _GROUP_SPAN = 0.25
 """Seconds of (virtual) time one grouped step may span."""
@@ -89,6 +90,9 @@ class _Narrator:
         self.focus = {q["index"]: q for q in scenario["focus"]} if scenario else {}
         self.peer = scenario.get("peer") if scenario else None
         """A real peer's device end is not instrumented: no pop, push or device records."""
+        self.device_end = bool(scenario and scenario.get("traced_end") == "device")
+        """Only the device end is traced (a real driver, ``--peer uml``): no add, kick or
+        get_buf; a hero's round trip starts at its pop and ends at the interrupt decision."""
         self.consumed: set[int] = set()
         self.heroes = self._find_heroes()
         self.steps: list[Step] = []
@@ -100,9 +104,10 @@ class _Narrator:
     # ---- set-up -----------------------------------------------------------------------------
     def _find_heroes(self) -> dict[int, _Hero]:
         heroes: dict[int, _Hero] = {}
+        start = "vq.pop" if self.device_end else "vq.add"
         for i, rec in enumerate(self.records):
             q = rec.get("queue")
-            if rec["event"] != "vq.add" or q in heroes or (self.focus and q not in self.focus):
+            if rec["event"] != start or q in heroes or (self.focus and q not in self.focus):
                 continue
             name = self.focus.get(q, {}).get("name", "")
             if name == "free_page_vq" and not rec["writable"]:
@@ -218,6 +223,10 @@ class _Narrator:
             self.suppressed_shown.add(ev)
             self._decision(rec, kick=ev == "vq.kick")
             return True
+        if ev == "vq.pop" and i == hero.index and self.device_end:
+            hero.phase, hero.popped = "traveling", True
+            self._pop(i, rec)
+            return True
         if ev == "vq.add" and i == hero.index:
             hero.phase, hero.kick = "traveling", True
             self._add(i, rec)
@@ -246,6 +255,8 @@ class _Narrator:
             self._push(i, rec)
         elif ev == "vq.interrupt" and hero.irq:
             hero.irq = False
+            if self.device_end:
+                hero.phase = "done"  # the driver's get_buf is not traced
             self._decision(rec, kick=False)
         elif ev == "vq.get_buf" and head == hero.head and (hero.pushed or self.peer):
             hero.phase = "done"
@@ -350,6 +361,11 @@ class _Narrator:
             rule = RULES.get(rec["violation"])
             step.lines.append(f"truncated before a violation: {rec['violation']} "
                               f"({rule.summary if rule else ''})")
+        buf = self._ahead(i, "teach.buffer", rec["queue"]) if self.device_end else None
+        if buf is not None:
+            words = " ".join(f"{w:#x}" for w in buf["le32"][:8])
+            more = f" ... ({buf['len'] // 4} le32 words)" if buf["len"] > 32 else ""
+            step.lines.append(f"the readable buffer holds: {words}{more}")
         block = self._ring(i, rec, head=head, avail_slot=slot)
         if block:
             step.blocks.append(block)
@@ -440,13 +456,17 @@ class _Narrator:
     # ---- steps of the story -----------------------------------------------------------------
     def _boot(self, i: int, rec: dict[str, Any]) -> None:
         step = self._step(rec, "story", f"Boot: a {fmt_size(rec['ram'])} guest with the "
-                          f"balloon on virtio-mmio ({rec['name']})", why_key="boot")
+                          f"balloon on {rec.get('transport', 'virtio-mmio')} ({rec['name']})",
+                          why_key="boot")
         step.lines.append("negotiated: " + ", ".join(rec["features"]))
         step.lines.append("queues: " + ", ".join(f"{k} = {v}" for k, v in rec["queues"].items()))
         for q in rec["focus"]:
             step.lines.append(f"watching {q['name']} (queue {q['index']}, {q['size']} entries): "
                               f"desc {q['desc']:#x}, avail {q['avail']:#x}, used {q['used']:#x}")
-        if rec.get("peer"):
+        if rec.get("peer") and self.device_end:
+            step.lines.append(f"peer: {rec['peer']}: the real driver; only the device's end is "
+                              f"traced (the driver shows in the avail ring)")
+        elif rec.get("peer"):
             step.lines.append(f"peer: {rec['peer']}'s own device, over qtest; only the driver's "
                               f"end is traced (the device shows in the used ring)")
         if rec.get("reporting_capacity") and rec["name"] == "reporting":

@@ -1,4 +1,4 @@
-"""The teaching scenarios against a real peer: our guest driver on QEMU's virtio-balloon.
+"""The teaching scenarios against a real peer: our driver on QEMU's device, Linux's on ours.
 
 ``vballoon trace --peer qemu`` runs the guest half of a scenario (:mod:`sim.teach.scenarios`)
 on QEMU's RAM and virtio-mmio registers over qtest (:mod:`sim.qemu.guest`), with QEMU's own
@@ -10,13 +10,22 @@ is not ours to log). Time is real, not virtual: QEMU runs on the wall clock.
 
 Differences from the simulated runs, each said in the trace's boot step: page reporting waits
 :data:`REPORTING_DELAY` instead of 2 s, and the hinting round is QEMU's own migration
-(``migrate exec:cat > /dev/null``). The User-Mode Linux peer (the real Linux driver against our
-device over vhost-user) is future work: the device end's ring addresses are not in its events.
+(``migrate exec:cat > /dev/null``).
+
+``vballoon trace --peer uml`` is the other direction (:func:`run_uml_trace`): Linux 6.1's real
+``virtio_balloon`` in User-Mode Linux drives *our* device end over vhost-user
+(:func:`sim.uml_boot.run_boot` with the :mod:`sim.uml_scenarios` scenarios). Only the device end
+is instrumented: the trace has ``vq.pop``, ``vq.push``, ``vq.interrupt`` and ``balloon.*``, the
+rings are read from the mapped guest RAM with :meth:`~virtqueue.memory.GuestMemory.peek` at the
+addresses the front-end gave (the server's ``queue`` events), and the device's records are
+copied after it records. There is no guest allocator to show, so no free lists; the guest is at
+least 256 MiB (page reporting passes need the zone's low watermark + 32 blocks of 4 MiB free).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import trio
@@ -38,7 +47,8 @@ from sim.teach.snapshots import (
     traced_walk,
 )
 
-__all__ = ["QEMU_SCENARIOS", "REPORTING_DELAY", "run_qemu_trace"]
+__all__ = ["QEMU_SCENARIOS", "REPORTING_DELAY", "UML_SCENARIOS", "run_qemu_trace",
+           "run_uml_trace"]
 
 MiB = 1 << 20
 REPORTING_DELAY = 0.5
@@ -51,6 +61,16 @@ _FOCUS = {
     "malformed": (BalloonQueue.INFLATE,),
 }
 QEMU_SCENARIOS = tuple(_FOCUS)
+UML_SCENARIOS = ("inflate", "reporting")
+"""What ``--peer uml`` traces (the host drives those; hinting and malformed are not yet)."""
+UML_MIN_RAM = 256 * MiB
+UML_INFLATE = 4 * MiB
+"""How much the ``inflate`` trace balloons: 4 chains of 256 PFNs (VIRTIO_BALLOON_ARRAY_PFNS_MAX)
+each way, one told in detail."""
+_LINUX_QUEUE_NAMES = {BalloonQueue.INFLATE: "inflate", BalloonQueue.DEFLATE: "deflate",
+                      BalloonQueue.STATS: "stats", BalloonQueue.FREE_PAGE: "free_page_vq",
+                      BalloonQueue.REPORTING: "reporting_vq"}
+"""The names Linux's virtballoon gives its queues (``init_vqs()``)."""
 
 
 class _QemuStage:
@@ -218,4 +238,95 @@ def run_qemu_trace(name: str, options: TraceOptions | None = None, *,
 
     with recording() as recorder:
         trio.run(main, recorder)
+    return Trace(name, options, recorder.records)
+
+
+# ---- Linux's driver (User-Mode Linux) against our device -------------------------------------
+
+_UML_CHAPTERS = {
+    "inflate": ("The host asks for 4 MiB back", "The device's num_pages goes to 1024 and a "
+                "config interrupt tells the driver; Linux's balloon work item allocates pages "
+                "and sends their PFNs on inflateq, 256 per chain. Then the host sets the target "
+                "back to all of RAM and the driver deflates them on deflateq."),
+    "reporting": ("Linux's free page reporting", "2 s after the driver registers, and 2 s after "
+                  "a large free, page_reporting_process() isolates free 4 MiB blocks and sends "
+                  "up to 32 per chain on reporting_vq; the device discards each. The guest "
+                  "fills a 64 MiB tmpfs file, then deletes it."),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Watch:
+    """A :class:`~sim.uml_boot.Scenario` run first: the driver is up (DRIVER_OK, queues
+    attached), so the rings' addresses are known; attach the probes and log the scenario."""
+
+    recorder: Recorder
+    scenario: str
+    name: str = "trace"
+
+    def guest(self) -> str:
+        return ""
+
+    async def host(self, ctx: Any) -> None:
+        from sim.teach.snapshots import RecordsProbe
+
+        device = ctx.device
+        focus = {device.queue_index(q) for q in _FOCUS[self.scenario]} - {None}
+        where = {e.fields["index"]: e.fields for e in ctx.server.events if e.kind == "queue"}
+        queues = {_LINUX_QUEUE_NAMES[BalloonQueue[f["queue"]]]: i for i, f in where.items()
+                  if f.get("queue")}
+        rings = [RingGeometry(i, _LINUX_QUEUE_NAMES[BalloonQueue[f["queue"]]], f["size"],
+                              f["desc"], f["avail"], f["used"])
+                 for i, f in sorted(where.items()) if i in focus]
+        self.recorder.probes += [RingProbe(device.memory, rings, buffers_after="vq.pop"),
+                                 RecordsProbe(device.records)]
+        teach_log.info("teach.scenario", name=self.scenario, ram=device.ram_size,
+                       peer="User-Mode Linux 6.1", traced_end="device", transport="vhost-user",
+                       features=names(device.features), queues=queues,
+                       focus=[r.to_dict() for r in rings], reporting_capacity=None,
+                       policy=str(device.policy), options={})
+        teach_log.info("teach.chapter", title=_UML_CHAPTERS[self.scenario][0],
+                       text=_UML_CHAPTERS[self.scenario][1])
+
+
+def _uml_outcome(name: str, result: Any) -> None:
+    if name == "inflate":
+        lines = [f"inflated to {result.actual_inflated} pages in {result.seconds_inflate:.2f} s "
+                 f"(num_pages {result.num_pages}), then deflated to {result.actual_deflated}",
+                 f"ballooned ranges held {result.resident_bytes:,} bytes of data (0: all "
+                 f"discarded); guest MemTotal {result.before.total >> 10} -> "
+                 f"{result.inflated.total >> 10} -> {result.deflated.total >> 10} KiB"]
+    else:
+        lines = [f"{result.initial_reports} report chain(s) in the first pass",
+                 f"after the 64 MiB free: {result.reported_bytes:,} bytes reported in "
+                 f"{len(result.ranges)} ranges"
+                 + (f", the first {result.first_delay:.2f} s after the free"
+                    if result.first_delay is not None else ""),
+                 f"the RAM file gave back {result.returned_bytes:,} bytes"]
+    teach_log.info("teach.outcome", title="Afterwards: what the device saw", peer="uml",
+                   lines=lines)
+
+
+def run_uml_trace(name: str, options: TraceOptions | None = None, *,
+                  kernel: Any = None) -> Trace:
+    """Run scenario ``name`` with Linux 6.1's driver (UML) on our device; everything it logged.
+
+    ``options.ram`` is raised to 256 MiB if smaller; the queue sizes are UML's (256).
+
+    Raises:
+        ConfigError: an unknown scenario.
+        PeerError: UML is missing, stuck or did not power off cleanly.
+    """
+    from sim.uml_scenarios import Inflate, Reporting, run_boot
+
+    if name not in UML_SCENARIOS:
+        raise ConfigError(f"unknown trace scenario {name!r}; with --peer uml choose one of "
+                          f"{', '.join(UML_SCENARIOS)}")
+    options = options or TraceOptions()
+    mem = max(options.ram, UML_MIN_RAM)
+    body = Inflate(size=UML_INFLATE, dirty=False) if name == "inflate" else Reporting()
+    with recording() as recorder:
+        result = trio.run(functools.partial(
+            run_boot, [_Watch(recorder, name), body], mem=f"{mem // MiB}M", kernel=kernel))
+        _uml_outcome(name, result.results[body.name])
     return Trace(name, options, recorder.records)

@@ -94,9 +94,13 @@ def read_ring(memory: Any, ring: RingGeometry) -> dict[str, Any]:
 class RingProbe:
     """Copies a ring after every event that changes it, for the queues being watched."""
 
-    def __init__(self, memory: Any, rings: Iterable[RingGeometry]) -> None:
+    def __init__(self, memory: Any, rings: Iterable[RingGeometry], *,
+                 buffers_after: str = "vq.add") -> None:
         self.memory = memory
         self.rings = {r.index: r for r in rings}
+        self.buffers_after = buffers_after
+        """The event after which a chain's first readable buffer is copied: the driver's
+        ``vq.add``, or ``vq.pop`` when only the device end is traced (a real driver)."""
 
     def __call__(self, record: dict[str, Any]) -> list[dict[str, Any]] | None:
         ring = self.rings.get(record.get("queue"))  # type: ignore[arg-type]
@@ -104,7 +108,7 @@ class RingProbe:
             return None
         name = record["event"]
         out = []
-        if name == "vq.add" and record.get("readable"):
+        if name == self.buffers_after and record.get("readable"):
             out.append(self._buffer(record))
         if name in RING_EVENTS:
             out.append({"event": "teach.ring", "queue": ring.index, "after": name,
