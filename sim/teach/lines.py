@@ -133,7 +133,7 @@ def plain(rec: dict[str, Any]) -> str:
         "driver.actual": lambda: f"actual <- {fields.get('actual')}",
         "balloon.target": lambda: f"host: target {fmt_size(fields.get('target', 0))}, "
                                   f"num_pages {fields.get('num_pages')}",
-        "balloon.config": lambda: f"device: {fields.get('field', 'config')} "
+        "balloon.config": lambda: f"{fields.get('field', 'config')} "
                                   f"{fields.get('old')} -> {fields.get('actual')}",
         "balloon.needs_reset": lambda: f"device NEEDS_RESET ({fields.get('rule')})",
         "migration.sync": lambda: f"VMM: bitmap sync {fields.get('sync')} "
