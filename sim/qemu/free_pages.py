@@ -39,6 +39,7 @@ from sim.qemu.kit import (
     PAGE,
     MiB,
     ScenarioOptions,
+    check_rss_drop,
     fill_free_ram,
     pages_equal,
     qemu_options,
@@ -111,11 +112,7 @@ async def _report_variant(options: ScenarioOptions, rec: Recorder, poison: bool)
                         f"RssAnon fell {drop / MiB:.2f} MiB (allowed 1 MiB) after "
                         f"{reported / MiB:.0f} MiB were reported")
             else:
-                tolerance = MiB + reported // 50
-                r.check(f"{name}: RSS drops by the reported bytes",
-                        abs(drop - reported) <= tolerance,
-                        f"RssAnon fell {drop / MiB:.1f} MiB for {reported / MiB:.1f} MiB "
-                        f"reported (+- {tolerance / MiB:.1f} MiB)")
+                check_rss_drop(r, f"{name}: RSS drops by the reported bytes", drop, reported)
             r.facts[name] = {"reported_bytes": reported, "blocks": len(segments),
                              "chains": len(chains), "sentinels": len(markers),
                              "rss_drop": drop, "features": b.features}

@@ -17,6 +17,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -27,6 +28,7 @@ from sim.qemu.process import BalloonProperties, QemuMode, QemuOptions
 
 __all__ = [
     "FILL_CHUNK",
+    "check_rss_drop",
     "MiB",
     "PAGE",
     "ScenarioOptions",
@@ -132,3 +134,13 @@ def pages_equal(memory: QtestMemory, gpas: Iterable[int],
         if memory.read(gpa, PAGE) != expected(gpa, PAGE):
             bad.append(gpa)
     return n, bad
+
+
+def check_rss_drop(r: Any, name: str, drop: int, expected: int) -> None:
+    """QEMU's RssAnon must fall by ``expected`` bytes: at least that less 1 MiB + 2 %, and at
+    most that plus 4 MiB + 10 %, since QEMU may return unrelated heap at the same moment (a
+    larger drop was seen under load; a smaller one would mean pages were not discarded)."""
+    low, high = expected - (MiB + expected // 50), expected + 4 * MiB + expected // 10
+    r.check(name, low <= drop <= high,
+            f"RssAnon fell {drop / MiB:.1f} MiB for {expected / MiB:.1f} MiB "
+            f"(accepted {low / MiB:.1f}..{high / MiB:.1f} MiB)")

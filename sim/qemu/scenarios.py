@@ -38,6 +38,7 @@ from sim.qemu.kit import (
     PAGE,
     MiB,
     ScenarioOptions,
+    check_rss_drop,
     fill_free_ram,
     pages_equal,
     qemu_options,
@@ -207,7 +208,7 @@ async def inflate(options: ScenarioOptions, rec: Recorder) -> None:
                     f"actual {answer.get('actual')} (RAM {ram} - {pages} pages)")
             await _balloon_change(r, qemu, since, ram - pages * PAGE, "inflate")
             inflated = rec.rss(qemu, "inflated")
-            _rss_drop(r, "RSS drops by the inflated pages", filled - inflated, pages * PAGE)
+            check_rss_drop(r, "RSS drops by the inflated pages", filled - inflated, pages * PAGE)
             gpas = [pfn * PAGE for pfn in sample(sorted(b.balloon.pages), 256)]
             n, bad = pages_equal(qemu.memory, gpas, lambda g, k: bytes(k))
             r.check("inflated pages read back as zeros", n > 0 and not bad,
@@ -260,14 +261,6 @@ async def _balloon_change(r: ScenarioResult, qemu, since: int, actual: int, what
         seen = [e.data.get("actual") for e in qemu.qmp.events[since:]
                 if e.name == "BALLOON_CHANGE"]
     r.check(f"BALLOON_CHANGE after {what}", held, f"actual {seen}")
-
-
-def _rss_drop(r: ScenarioResult, name: str, drop: int, expected: int) -> None:
-    """RSS must fall by ``expected`` bytes, within 1 MiB + 2 % (QEMU's own heap moves)."""
-    tolerance = MiB + expected // 50
-    r.check(name, abs(drop - expected) <= tolerance,
-            f"RssAnon fell {drop / MiB:.1f} MiB, expected {expected / MiB:.1f} MiB "
-            f"+- {tolerance / MiB:.1f} MiB")
 
 
 # ---- stats -------------------------------------------------------------------------------------
