@@ -170,6 +170,8 @@ class Workload:
         burst_order: ``burst``: order of each block of the area.
         stamp_stride: stamp every n-th page of an allocation (1 = every page).
         gfp: flags of every allocation (failures are expected, so ``NOWARN`` by default).
+        free_fill: the byte a freed block is filled with before it goes back to the allocator
+            (Linux ``init_on_free``: 0; page poisoning: 0xaa), or None to leave it as it was.
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class Workload:
         burst_order: int = 9,
         stamp_stride: int = 1,
         gfp: Gfp = Gfp.NOWARN,
+        free_fill: int | None = None,
     ) -> None:
         try:
             self.profile = WorkloadProfile(profile)
@@ -203,6 +206,7 @@ class Workload:
         self.burst_order = burst_order
         self.stamp_stride = stamp_stride
         self.gfp = gfp
+        self.free_fill = free_fill
         self.live = AllocationTracker()
         self.generation = 0
         self.steps = 0
@@ -282,6 +286,8 @@ class Workload:
         alloc = self.live.get(pfn)
         if alloc is None:
             raise UsageError(f"workload: pfn {pfn:#x} is not a live allocation of this workload")
+        if self.free_fill is not None:  # kernel_init_pages / kernel_poison_pages on free
+            self.memory.fill(pfn << PAGE_SHIFT, (1 << alloc.order) << PAGE_SHIFT, self.free_fill)
         self.allocator.free_pages(pfn, alloc.order)
         self.live.remove(pfn)
         self.frees += 1

@@ -105,7 +105,8 @@ class Machine:
         self.mmio = MmioDevice(self.device, self.memory, irq=self.irq.raise_)
         self.mm = PageAllocator.for_size(config.ram, reserved=[(0, KERNEL_RESERVED)])
         self.workload = Workload(self.mm, self.memory, config.profile, seed=config.seed,
-                                 ops=config.workload_ops, max_live=config.max_live)
+                                 ops=config.workload_ops, max_live=config.max_live,
+                                 free_fill=config.driver.free_fill_byte)
         self.transport = VirtioMmioTransport(self.mmio, self.irq, self.memory)
         self.driver = VirtioBalloon(self.transport, self.mm, self.memory,
                                     options=config.driver, vm_events=self.vm_events)

@@ -89,7 +89,7 @@ def instrument(machine: Machine, monitor: DriverMonitor, *, provoke: bool) -> Mo
     tap = GuestWriteTap(m.memory, monitor.guest_wrote)
     cfg = m.config
     m.workload = Workload(m.mm, tap, cfg.profile, seed=cfg.seed, ops=cfg.workload_ops,
-                          max_live=cfg.max_live)
+                          max_live=cfg.max_live, free_fill=cfg.driver.free_fill_byte)
     m.transport = VirtioMmioTransport(MonitoredMmio(m.mmio, monitor), m.irq, tap)
     m.driver = VirtioBalloon(m.transport, m.mm, tap, options=cfg.driver,
                              vm_events=m.vm_events)

@@ -111,11 +111,9 @@ def test_init_on_free_grades_the_poison_rules(init_on_free):
     assert init_on_free.grade("BAL-D-35").values["poison_val"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="model finding: the guest allocator does not clear freed "
-                   "pages under init_on_free (only the balloon's own releases are filled), so "
-                   "workload pages reported afterwards still hold their stamps; Linux zeroes "
-                   "them in free_pages()")
 def test_init_on_free_reports_only_zeroed_pages(init_on_free):
+    """Regression (monitor finding): freed workload pages are zeroed under init_on_free, as
+    Linux's free_pages() does, so a reported page holds the poison value 0 (BAL-D-38)."""
     assert init_on_free.grade("BAL-D-38").verdict is PASS
 
 

@@ -141,3 +141,25 @@ def test_reject_freeing_what_the_workload_does_not_own(guest):
     pfn = mm.alloc_pages(0)
     with pytest.raises(UsageError, match="not a live allocation"):
         wl.free(pfn)
+
+
+@pytest.mark.parametrize("fill", [0x00, 0xAA])
+def test_free_fill_clears_or_poisons_freed_blocks(fill):
+    """init_on_free (0) / page poisoning (0xaa): a freed block holds only the fill byte."""
+    mm = PageAllocator.for_size(64 << 20)
+    with GuestMemory.create(64 << 20) as mem:
+        w = Workload(mm, mem, "steady", seed=3, free_fill=fill)
+        op = w.alloc(2)
+        start, n = op.pfn << 12, 4 << 12
+        assert mem.read(start, 4) == b"vbwl"
+        w.free(op.pfn)
+        assert mem.read(start, n) == bytes([fill]) * n
+
+
+def test_without_free_fill_freed_blocks_keep_their_stamps():
+    mm = PageAllocator.for_size(64 << 20)
+    with GuestMemory.create(64 << 20) as mem:
+        w = Workload(mm, mem, "steady", seed=3)
+        op = w.alloc(0)
+        w.free(op.pfn)
+        assert mem.read(op.pfn << 12, 4) == b"vbwl"
