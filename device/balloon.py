@@ -25,6 +25,7 @@ unaligned reports, unknown stats tags) are never fatal, they are recorded and lo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ class BalloonDevice:
         basis = self._offered
         if self.numbering == "negotiated" and self._features_set:
             basis = self._features
-        return {index: kind for kind, index in queue_numbering(basis).items()}
+        return _queue_layout(basis)
 
     def num_queues(self, features: int) -> int:
         basis = self._offered if self.numbering == "offered" else features & self._offered
@@ -589,3 +590,9 @@ def _now() -> float:
         return trio.current_time()
     except RuntimeError:
         return 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def _queue_layout(features: int) -> dict[int, BalloonQueue]:
+    """Transport index -> queue for a feature mask (shared and read-only: every kick asks)."""
+    return {index: kind for kind, index in queue_numbering(features).items()}

@@ -34,10 +34,14 @@ log = structlog.get_logger("vballoon.device")
 ENABLED = True
 """Set to False to silence every device event (fuzzing, benchmarks)."""
 
+DEBUG = True
+"""Set to False to drop the debug-level events (:func:`emit`) before they are built, keeping
+the warnings; the CLI does so below ``--log-level debug``."""
+
 
 def emit(event: str, **fields: Any) -> None:
     """Log a normal device event (debug level) when events are enabled."""
-    if ENABLED:
+    if ENABLED and DEBUG:
         log.debug(event, **fields)
 
 

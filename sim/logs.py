@@ -40,3 +40,4 @@ def configure(level: str = "warning", *, json: bool = False, stream: TextIO | No
     debug = numeric <= logging.DEBUG
     vq_events.set_enabled(debug)
     device_events.ENABLED = numeric <= logging.WARNING  # device events are debug or warning
+    device_events.DEBUG = debug

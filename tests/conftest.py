@@ -45,11 +45,11 @@ def _restore_structlog():
     from device import events as device_events
     from virtqueue import events as vq_events
 
-    vq_enabled, device_enabled = vq_events.ENABLED, device_events.ENABLED
+    saved = vq_events.ENABLED, device_events.ENABLED, device_events.DEBUG
     yield
     _quiet_structlog()
-    vq_events.set_enabled(vq_enabled)
-    device_events.ENABLED = device_enabled
+    vq_events.set_enabled(saved[0])
+    device_events.ENABLED, device_events.DEBUG = saved[1], saved[2]
 
 
 @pytest.fixture(scope="session")

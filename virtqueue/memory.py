@@ -96,6 +96,9 @@ class GuestMemory:
         self._owned_fds = list(owned_fds)
         self._observers: list[WriteObserver] = []
         self._closed = False
+        only = self._mapped[0] if len(self._mapped) == 1 else None
+        self._only = (only.region.gpa, only.region.end, only.view) if only else None
+        """(start, end, view) when RAM is one region: the fast path of read and write."""
         self.returned_bytes = 0
         """Bytes the host got back through :meth:`discard`, measured from the allocated blocks
         of the memfds (a discard of a never-written page returns nothing)."""
@@ -235,6 +238,10 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes at ``gpa``."""
+        only = self._only
+        if only is not None and length >= 0 and only[0] <= gpa and gpa + length <= only[1]:
+            off = gpa - only[0]
+            return bytes(only[2][off:off + length])
         pieces = self._pieces(gpa, length)
         if len(pieces) == 1:
             m, off, n = pieces[0]
@@ -244,11 +251,15 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``gpa`` (all or nothing: the range is checked first)."""
         length = len(data)
-        pieces = self._pieces(gpa, length)
-        pos = 0
-        for m, off, n in pieces:
-            m.view[off:off + n] = data[pos:pos + n]
-            pos += n
+        only = self._only
+        if only is not None and only[0] <= gpa and gpa + length <= only[1]:
+            off = gpa - only[0]
+            only[2][off:off + length] = data
+        else:
+            pos = 0
+            for m, off, n in self._pieces(gpa, length):
+                m.view[off:off + n] = data[pos:pos + n]
+                pos += n
         if self._observers:
             self._notify(gpa, length)
 
@@ -400,6 +411,7 @@ class GuestMemory:
         if self._closed:
             return
         self._closed = True
+        self._only = None
         maps = {id(m.map): m.map for m in self._mapped}
         for m in self._mapped:
             m.view.release()
