@@ -130,9 +130,9 @@ def recording() -> Iterator[Recorder]:
     saved_processors = list(processors)
     saved_wrapper = config["wrapper_class"]
     saved_cache = config["cache_logger_on_first_use"]
-    saved_device = device_events.ENABLED
+    saved_device = device_events.ENABLED, device_events.DEBUG
     previous_vq = vq_events.set_enabled(True)
-    device_events.ENABLED = True
+    device_events.ENABLED = device_events.DEBUG = True
     # keep the list object: loggers bound earlier hold a reference to it (as capture_logs does)
     processors.clear()
     processors.append(recorder)
@@ -150,4 +150,4 @@ def recording() -> Iterator[Recorder]:
         structlog.configure(processors=processors, wrapper_class=saved_wrapper,
                             cache_logger_on_first_use=saved_cache)
         vq_events.set_enabled(previous_vq)
-        device_events.ENABLED = saved_device
+        device_events.ENABLED, device_events.DEBUG = saved_device
